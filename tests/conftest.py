@@ -1,0 +1,38 @@
+"""Shared test set-up: isolate Prefect and the storage roots, and locate ../shared/datasets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATASETS = REPO.parent / "shared" / "datasets"
+OXFORD_MINI = SHARED_DATASETS / "oxford-pets-mini" / "images.tar.gz"
+PETIMAGES = SHARED_DATASETS / "petimages" / "kagglecatsanddogs-180px.zip"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_environment(tmp_path_factory: pytest.TempPathFactory):
+    """Each test session gets its own Prefect home and storage roots, never the user's."""
+    root = tmp_path_factory.mktemp("env")
+    saved = dict(os.environ)
+    os.environ.update(
+        PREFECT_HOME=str(root / "prefect"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_API_URL="",
+        TRAIN_CATS_DATA_DIR=str(root / "data"),
+        TRAIN_CATS_RUNS_DIR=str(root / "runs"),
+    )
+    os.environ.pop("PREFECT_API_URL")
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(scope="session")
+def shared_datasets() -> Path:
+    if not OXFORD_MINI.is_file() or not PETIMAGES.is_file():
+        pytest.fail(f"the shared datasets are missing under {SHARED_DATASETS}; clone next to ../shared")
+    return SHARED_DATASETS
