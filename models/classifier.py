@@ -1,0 +1,229 @@
+"""Image classifiers on torchvision backbones, with a new head for N classes and penultimate features.
+
+``build_classifier`` returns a ``Classifier``: ``backbone`` (a torchvision network whose last linear
+layer is replaced by ``nn.Identity``) followed by ``head`` (``nn.Linear(feature_dim, N)``).
+``forward_features`` gives the penultimate features used for Fréchet distance / KID.
+
+Backbones: ResNet-18/34/50 (He et al. 2016, "Deep Residual Learning for Image Recognition") and
+MobileNetV3-Small (Howard et al. 2019, "Searching for MobileNetV3").
+
+Pretrained ImageNet weights are fetched from torchvision's weight files (``<Weights>.url``) into
+torch's hub cache, ``$TORCH_HOME/hub/checkpoints`` (``torch.hub.get_dir()``), the same file name and
+place torchvision uses, so a cache filled by torchvision is reused and vice versa. The only I/O in
+``models/`` is this fetch. Set ``TRAIN_CATS_TORCHVISION_WEIGHTS_URL`` to a mirror's base URL
+(default ``https://download.pytorch.org/models/``) to fetch from elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import requests
+import torch
+import torchvision.models as tvm
+from torch import nn
+from tqdm import tqdm
+
+WEIGHTS_URL_ENV = "TRAIN_CATS_TORCHVISION_WEIGHTS_URL"
+DEFAULT_WEIGHTS_URL = "https://download.pytorch.org/models/"
+# Connect quickly or give up: offline, a fetch must fail in seconds, not hang. The read timeout
+# is per chunk, not for the whole file.
+CONNECT_TIMEOUT_S = 5.0
+READ_TIMEOUT_S = 60.0
+
+# Normalisation the ImageNet weights were trained with (torchvision's transforms for them).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A torchvision architecture: its builder, ImageNet weights and penultimate width."""
+
+    build: Callable[..., nn.Module]
+    weights: tvm.WeightsEnum
+    feature_dim: int
+
+
+BACKBONES: dict[str, Backbone] = {
+    "resnet18": Backbone(tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1, 512),
+    "resnet34": Backbone(tvm.resnet34, tvm.ResNet34_Weights.IMAGENET1K_V1, 512),
+    "resnet50": Backbone(tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V2, 2048),
+    "mobilenet_v3_small": Backbone(
+        tvm.mobilenet_v3_small, tvm.MobileNet_V3_Small_Weights.IMAGENET1K_V1, 1024
+    ),
+}
+
+
+class PretrainedWeightsUnavailable(RuntimeError):
+    """ImageNet weights could be neither found in the cache nor downloaded."""
+
+
+class Classifier(nn.Module):
+    """``backbone`` -> (B, feature_dim) penultimate features -> ``head`` -> (B, num_classes) logits.
+
+    Attributes:
+        backbone_name: key into ``BACKBONES``.
+        feature_dim: width D of the penultimate features.
+        num_classes: number of output logits N.
+    """
+
+    def __init__(self, backbone_name: str, backbone: nn.Module, feature_dim: int, num_classes: int):
+        super().__init__()
+        self.backbone_name = backbone_name
+        self.feature_dim = feature_dim
+        self.num_classes = num_classes
+        self.backbone = backbone
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, 3, H, W) float, normalised with IMAGENET_MEAN/STD -> (B, feature_dim) float."""
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, 3, H, W) float, normalised -> (B, num_classes) logits."""
+        return self.head(self.forward_features(x))
+
+
+def features(model: Classifier, x: torch.Tensor) -> torch.Tensor:
+    """Penultimate-layer features: (B, 3, H, W) -> (B, model.feature_dim); same as
+    ``model.forward_features(x)``, for code that prefers a function."""
+    return model.forward_features(x)
+
+
+def build_classifier(
+    backbone: str,
+    num_classes: int,
+    pretrained: bool = False,
+    small_input_stem: bool = False,
+) -> Classifier:
+    """Build a classifier for ``num_classes`` classes on a torchvision backbone.
+
+    Args:
+        backbone: a key of ``BACKBONES``: resnet18, resnet34, resnet50, mobilenet_v3_small.
+        num_classes: number of classes N >= 1; the head is a fresh ``nn.Linear(D, N)``.
+        pretrained: load torchvision's ImageNet weights into the backbone (see module docstring);
+            inputs should then be normalised with ``IMAGENET_MEAN``/``IMAGENET_STD``.
+        small_input_stem: for 32-64 px inputs. ResNets get the CIFAR stem of He et al. 2016
+            §4.2 (3x3 stride-1 conv, no max-pool: total stride 8 instead of 32); MobileNetV3's
+            first conv gets stride 1 (total stride 16). The replaced ResNet conv is freshly
+            initialised even when ``pretrained``.
+
+    Returns:
+        A ``Classifier`` in training mode; ``forward`` maps (B, 3, H, W) float -> (B, N).
+
+    Raises:
+        ValueError: unknown backbone (the message lists the valid names) or num_classes < 1.
+        PretrainedWeightsUnavailable: ``pretrained=True`` and the weights are neither cached nor
+            downloadable; the message names the host and suggests ``pretrained=False``.
+    """
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r}; valid names: {', '.join(BACKBONES)}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes={num_classes} must be >= 1")
+    spec = BACKBONES[backbone]
+    net = spec.build(weights=None)
+    if pretrained:
+        net.load_state_dict(load_imagenet_state_dict(backbone))
+    if small_input_stem:
+        _use_small_input_stem(net)
+    _drop_head(net)
+    return Classifier(backbone, net, spec.feature_dim, num_classes)
+
+
+def _drop_head(net: nn.Module) -> None:
+    """Replace the last linear layer by ``nn.Identity`` so the network outputs its features."""
+    if isinstance(net, tvm.ResNet):
+        net.fc = nn.Identity()
+    else:  # MobileNetV3: classifier = Linear, Hardswish, Dropout, Linear
+        net.classifier[-1] = nn.Identity()
+
+
+def _use_small_input_stem(net: nn.Module) -> None:
+    if isinstance(net, tvm.ResNet):
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+        net.maxpool = nn.Identity()
+    else:
+        net.features[0][0].stride = (1, 1)
+
+
+#################################################################################
+#                        Pretrained weights: cache, then fetch                  #
+#################################################################################
+
+
+def weights_url(backbone: str) -> str:
+    """Where ``backbone``'s ImageNet weights are fetched from: the mirror base URL
+    (``$TRAIN_CATS_TORCHVISION_WEIGHTS_URL``, default download.pytorch.org) + torchvision's file name."""
+    base = os.environ.get(WEIGHTS_URL_ENV) or DEFAULT_WEIGHTS_URL
+    return base.rstrip("/") + "/" + _weights_filename(backbone)
+
+
+def weights_cache_path(backbone: str) -> Path:
+    """The hub-cache file for ``backbone``'s weights: ``torch.hub.get_dir()/checkpoints/<name>``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / _weights_filename(backbone)
+
+
+def load_imagenet_state_dict(backbone: str) -> dict[str, torch.Tensor]:
+    """torchvision's ImageNet state dict for ``backbone`` (1000-class head), from cache or network.
+
+    A download streams into a temporary file beside the cache file and is renamed into place
+    when complete, so an interrupted fetch never leaves a partial file in the cache.
+
+    Raises:
+        PretrainedWeightsUnavailable: no cached file and the download failed (unreachable host,
+            timeout, HTTP error), or the file is not a readable state dict.
+    """
+    path = weights_cache_path(backbone)
+    if not path.is_file():
+        _download(weights_url(backbone), path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any unpickling/format error means the same: a bad file
+        raise PretrainedWeightsUnavailable(
+            f"cached weights {path} are not a readable state dict ({exc}); delete the file and "
+            "retry, or use pretrained=False"
+        ) from exc
+
+
+def _weights_filename(backbone: str) -> str:
+    return Path(urlsplit(BACKBONES[backbone].weights.url).path).name
+
+
+def _download(url: str, dest: Path) -> None:
+    host = urlsplit(url).netloc
+    try:
+        with requests.get(url, stream=True, timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S)) as resp:
+            resp.raise_for_status()
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            _stream_to_file(resp, dest)
+    except requests.RequestException as exc:
+        raise PretrainedWeightsUnavailable(
+            f"could not download ImageNet weights from {url} (host {host}): {exc}. "
+            f"Offline? Use pretrained=False, or pre-seed the cache by placing {dest.name} in "
+            f"{dest.parent} (set TORCH_HOME to move it), or set {WEIGHTS_URL_ENV} to a "
+            "reachable mirror"
+        ) from exc
+
+
+def _stream_to_file(resp: requests.Response, dest: Path) -> None:
+    total = int(resp.headers.get("content-length", 0)) or None
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        with (
+            os.fdopen(fd, "wb") as f,
+            tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, leave=False) as bar,
+        ):
+            for chunk in resp.iter_content(chunk_size=1 << 20):
+                f.write(chunk)
+                bar.update(len(chunk))
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

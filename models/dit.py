@@ -1,0 +1,503 @@
+"""Class-conditional Diffusion Transformer (DiT) that predicts a flow-matching velocity.
+
+After Peebles & Xie, "Scalable Diffusion Models with Transformers", ICCV 2023 (arXiv:2212.09748),
+and laid out like the reference facebookresearch/DiT ``models.py``: embedding layers, the block,
+the final layer, the model, then the named configs in one table.
+
+Differences from the reference, each deliberate:
+- pixels in, velocity out: ``out_channels == in_channels`` (no learned sigma, no VAE latents);
+- the time ``t`` is a float in [0, 1] (flow-matching convention, see ``models/flow_matching.py``),
+  scaled by 1000 inside ``TimestepEmbedder`` so the sinusoid frequencies cover the same band as in
+  the reference, which was trained on integer steps 0..999;
+- the null (unconditional) class index is ``num_classes``, read from ``DiT.null_class``;
+- attention uses ``torch.nn.functional.scaled_dot_product_attention`` with optional QK-norm
+  (Dehghani et al. 2023, "Scaling Vision Transformers to 22 Billion Parameters", §3.1).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation: ``x * (1 + scale) + shift`` per sample.
+
+    x: (B, T, D); shift, scale: (B, D). Returns (B, T, D), same dtype as ``x``.
+    """
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+#################################################################################
+#               Embedding Layers for Timesteps and Class Labels                 #
+#################################################################################
+
+
+class TimestepEmbedder(nn.Module):
+    """Embeds scalar times into vectors: sinusoidal features, then a 2-layer MLP (DiT §3.2).
+
+    Args:
+        hidden_size: output width D.
+        frequency_embedding_size: number of sinusoidal features (even).
+        time_scale: factor applied to ``t`` before the sinusoids. Our ``t`` lives in [0, 1];
+            1000 maps it onto the 0..999 range the DiT frequencies were designed for, so the
+            highest frequency still resolves small differences in ``t``.
+    """
+
+    def __init__(
+        self, hidden_size: int, frequency_embedding_size: int = 256, time_scale: float = 1000.0
+    ):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+        self.frequency_embedding_size = frequency_embedding_size
+        self.time_scale = time_scale
+
+    @staticmethod
+    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+        """Sinusoidal embedding (Vaswani et al. 2017 §3.5) of ``t``: (B,) float -> (B, dim) float32."""
+        half = dim // 2
+        freqs = torch.exp(
+            -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+        )
+        args = t[:, None].float() * freqs[None]
+        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if dim % 2:
+            embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+        return embedding
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """t: (B,) float in [0, 1] -> (B, D)."""
+        t_freq = self.timestep_embedding(t * self.time_scale, self.frequency_embedding_size)
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Embeds class labels into vectors, with label dropout for classifier-free guidance.
+
+    The table has ``num_classes + 1`` rows when ``dropout_prob > 0``; the extra row, index
+    ``num_classes``, is the learned null ("unconditional") class (Ho & Salimans 2022 §3.2;
+    DiT §3.2 "Classifier-free guidance").
+
+    Args:
+        num_classes: number of real classes N >= 1; labels are 0..N-1, and N means "no class".
+        hidden_size: output width D.
+        dropout_prob: probability, during training, of replacing a label by the null class.
+    """
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        use_cfg_embedding = dropout_prob > 0
+        self.embedding_table = nn.Embedding(num_classes + use_cfg_embedding, hidden_size)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def token_drop(
+        self, labels: torch.Tensor, force_drop_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Replace labels by the null class, at random (``dropout_prob``) or where ``force_drop_ids``.
+
+        labels: (B,) int64; force_drop_ids: (B,) bool or 0/1, True/1 = drop. Returns (B,) int64.
+        The random draw uses torch's global RNG on ``labels.device``.
+        """
+        if force_drop_ids is None:
+            drop_ids = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        else:
+            drop_ids = force_drop_ids.to(device=labels.device, dtype=torch.bool)
+        return torch.where(drop_ids, self.num_classes, labels)
+
+    def forward(
+        self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """labels: (B,) int64 in [0, num_classes] -> (B, D)."""
+        use_dropout = self.dropout_prob > 0
+        if (train and use_dropout) or (force_drop_ids is not None):
+            labels = self.token_drop(labels, force_drop_ids)
+        return self.embedding_table(labels)
+
+
+#################################################################################
+#                                 Core DiT Model                                #
+#################################################################################
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through ``F.scaled_dot_product_attention`` (fused kernels).
+
+    Args:
+        dim: token width D, divisible by ``num_heads``.
+        num_heads: number of heads H; head width D / H.
+        qk_norm: LayerNorm over each head's queries and keys before the dot product, which keeps
+            attention logits bounded and training stable at high learning rates
+            (Dehghani et al. 2023 §3.1).
+    """
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.q_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, D) -> (B, T, D)."""
+        B, T, D = x.shape
+        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, H, T, D/H)
+        x = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
+        return self.proj(x.transpose(1, 2).reshape(B, T, D))
+
+
+class Mlp(nn.Module):
+    """Transformer feed-forward: Linear, GELU (tanh approximation, as in DiT), Linear."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, D) -> (B, T, D)."""
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DiTBlock(nn.Module):
+    """A DiT block with adaLN-Zero conditioning (Peebles & Xie 2023 §3.2, Fig. 3).
+
+    The conditioning vector ``c`` regresses a shift, scale and gate for each of the two residual
+    branches; the gates start at zero, so every block starts as the identity.
+    """
+
+    def __init__(
+        self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False
+    ):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads=num_heads, qk_norm=qk_norm)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, D) tokens; c: (B, D) conditioning -> (B, T, D)."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(
+            c
+        ).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """The final layer of DiT: adaLN, then a linear map from tokens to patch pixels (DiT §3.2)."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, D); c: (B, D) -> (B, T, p*p*C_out)."""
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """Diffusion Transformer over pixels, predicting the flow-matching velocity.
+
+    Args:
+        input_size: image side S in pixels (square images).
+        patch_size: patch side p; must divide ``input_size``. Tokens T = (S / p)^2.
+        in_channels: image channels C (3 for RGB); the output has the same channels.
+        hidden_size: token width D; divisible by ``num_heads`` and by 4 (2-D sin-cos embedding).
+        depth: number of DiT blocks.
+        num_heads: attention heads.
+        mlp_ratio: MLP hidden width / D.
+        num_classes: number of real classes N >= 1. Index N is the null class (``null_class``).
+        class_dropout_prob: probability of dropping a label to the null class while training
+            (CFG training, Ho & Salimans 2022 §3.2), in [0, 1). With 0 there is no null class
+            and CFG is unavailable.
+        qk_norm: LayerNorm on queries and keys (see ``Attention``).
+
+    Raises:
+        ValueError: a size that does not fit (patch size, heads, widths), naming the fix.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        patch_size: int,
+        in_channels: int = 3,
+        *,
+        hidden_size: int,
+        depth: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        num_classes: int,
+        class_dropout_prob: float = 0.1,
+        qk_norm: bool = False,
+    ):
+        super().__init__()
+        _check_sizes(input_size, patch_size, hidden_size, num_heads, depth, num_classes)
+        if not 0.0 <= class_dropout_prob < 1.0:
+            raise ValueError(f"class_dropout_prob={class_dropout_prob} must be in [0, 1)")
+        self.config = dict(
+            input_size=input_size,
+            patch_size=patch_size,
+            in_channels=in_channels,
+            hidden_size=hidden_size,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            num_classes=num_classes,
+            class_dropout_prob=class_dropout_prob,
+            qk_norm=qk_norm,
+        )
+        self.input_size = input_size
+        self.in_channels = in_channels
+        self.out_channels = in_channels
+        self.patch_size = patch_size
+        self.num_heads = num_heads
+        self.num_classes = num_classes
+        self.class_dropout_prob = class_dropout_prob
+        self.grid_size = input_size // patch_size
+
+        # Patch embedding: a strided convolution == a linear map of each non-overlapping patch.
+        self.x_embedder = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        # Fixed (not learned, not saved) 2-D sin-cos position embedding, as in DiT.
+        self.register_buffer(
+            "pos_embed",
+            get_2d_sincos_pos_embed(hidden_size, self.grid_size).unsqueeze(0),
+            persistent=False,
+        )
+        self.blocks = nn.ModuleList(
+            [DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth)]
+        )
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    @property
+    def null_class(self) -> int:
+        """Label index of the null (unconditional) class: always ``num_classes``."""
+        return self.num_classes
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens per image, T = (input_size / patch_size)^2."""
+        return self.grid_size**2
+
+    def initialize_weights(self) -> None:
+        """DiT initialisation (Peebles & Xie 2023 §3.2, reference ``initialize_weights``)."""
+
+        def _basic_init(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                torch.nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.constant_(module.bias, 0)
+
+        self.apply(_basic_init)
+
+        # Initialise the patch embedding like nn.Linear (as in ViT), not like a convolution.
+        w = self.x_embedder.weight.data
+        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+        nn.init.constant_(self.x_embedder.bias, 0)
+
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+
+        # adaLN-Zero: zero the modulation regressors so every gate is 0 at the start. Each block
+        # is then the identity, which the DiT paper found trains best (§3.2, Fig. 5), like
+        # zero-initialising the last BN scale of ResNet blocks (Goyal et al. 2017).
+        for block in self.blocks:
+            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
+            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
+
+        # Zero the output layer too, so the initial velocity prediction is exactly 0: the first
+        # loss is then E|noise - x0|^2 whatever the depth, and no block's noise reaches the output.
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.linear.weight, 0)
+        nn.init.constant_(self.final_layer.linear.bias, 0)
+
+    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
+        """(B, C, S, S) -> (B, T, p*p*C), patches in row-major order, pixels as (p, p, C)."""
+        B, C, H, W = imgs.shape
+        p, h, w = self.patch_size, H // self.patch_size, W // self.patch_size
+        x = imgs.reshape(B, C, h, p, w, p)
+        x = torch.einsum("nchpwq->nhwpqc", x)
+        return x.reshape(B, h * w, p * p * C)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, p*p*C) -> (B, C, S, S); the inverse of ``patchify``."""
+        c, p, h = self.out_channels, self.patch_size, self.grid_size
+        x = x.reshape(x.shape[0], h, h, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, h * p, h * p)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        force_drop_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict the velocity ``noise - x0`` at ``x``.
+
+        Args:
+            x: (B, C, S, S) float, the noisy image x_t (data scaled to about [-1, 1]).
+            t: (B,) float in [0, 1]; 0 = data, 1 = noise.
+            y: (B,) int64 labels in [0, num_classes]; ``num_classes`` = unconditional.
+            force_drop_ids: optional (B,) bool, True = use the null class for that sample,
+                instead of the random label dropout done in training mode.
+
+        Returns:
+            (B, C, S, S) velocity, dtype of the model's computation.
+
+        Raises:
+            ValueError: ``x`` does not have shape (B, in_channels, input_size, input_size).
+        """
+        if x.shape[1:] != (self.in_channels, self.input_size, self.input_size):
+            raise ValueError(
+                f"DiT expects x of shape (B, {self.in_channels}, {self.input_size}, "
+                f"{self.input_size}), got {tuple(x.shape)}"
+            )
+        x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, T, D)
+        c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)  # (B, D)
+        for block in self.blocks:
+            x = block(x, c)
+        return self.unpatchify(self.final_layer(x, c))
+
+    def forward_with_cfg(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float
+    ) -> torch.Tensor:
+        """Classifier-free guided velocity (Ho & Salimans 2022, eq. 6, in velocity form).
+
+        ``v = v_uncond + cfg_scale * (v_cond - v_uncond)``, where ``v_uncond`` uses
+        ``null_class``. At ``cfg_scale == 1`` this is exactly the conditional prediction and the
+        unconditional pass is skipped. Shapes as in ``forward``.
+
+        Raises:
+            ValueError: guidance requested from a model trained without a null class.
+        """
+        if cfg_scale == 1.0:
+            return self.forward(x, t, y)
+        if self.class_dropout_prob == 0:
+            raise ValueError(
+                "cfg_scale != 1 needs a null class; this DiT was built with "
+                "class_dropout_prob=0. Use cfg_scale=1 or train with class_dropout_prob > 0"
+            )
+        y_null = torch.full_like(y, self.null_class)
+        both = self.forward(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null]))
+        cond, uncond = both.chunk(2, dim=0)
+        return uncond + cfg_scale * (cond - uncond)
+
+
+def _check_sizes(
+    input_size: int, patch_size: int, hidden_size: int, num_heads: int, depth: int, num_classes: int
+) -> None:
+    if patch_size < 1 or input_size % patch_size:
+        raise ValueError(
+            f"patch_size={patch_size} must divide input_size={input_size}; choose an image size "
+            f"that is a multiple of the patch size (e.g. {max(patch_size, 1) * 8})"
+        )
+    if num_heads < 1 or hidden_size % num_heads:
+        raise ValueError(
+            f"hidden_size={hidden_size} must be divisible by num_heads={num_heads}; "
+            "change one of them"
+        )
+    if hidden_size % 4:
+        raise ValueError(
+            f"hidden_size={hidden_size} must be a multiple of 4 for the 2-D sin-cos position "
+            "embedding"
+        )
+    if depth < 1:
+        raise ValueError(f"depth={depth} must be >= 1")
+    if num_classes < 1:
+        raise ValueError(f"num_classes={num_classes} must be >= 1")
+
+
+#################################################################################
+#                   Sine/Cosine Positional Embedding Functions                  #
+#################################################################################
+
+
+def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding (MAE, He et al. 2022; used by DiT §3.2).
+
+    Half of the channels encode the column, half the row. Returns (grid_size**2, embed_dim)
+    float32, tokens in row-major order (matching ``patchify``). ``embed_dim`` % 4 == 0.
+    """
+    coords = torch.arange(grid_size, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+    emb_w = get_1d_sincos_pos_embed(embed_dim // 2, cols.flatten())
+    emb_h = get_1d_sincos_pos_embed(embed_dim // 2, rows.flatten())
+    return torch.cat([emb_w, emb_h], dim=1).float()
+
+
+def get_1d_sincos_pos_embed(embed_dim: int, pos: torch.Tensor) -> torch.Tensor:
+    """pos: (M,) positions -> (M, embed_dim) as [sin(pos * w_k), cos(pos * w_k)], w_k = 10000^(-2k/d)."""
+    omega = torch.arange(embed_dim // 2, dtype=torch.float64) / (embed_dim / 2.0)
+    omega = 1.0 / 10000**omega
+    out = pos.double()[:, None] * omega[None]
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+
+#################################################################################
+#                                   DiT Configs                                 #
+#################################################################################
+# Factories take the remaining DiT arguments (input_size, num_classes, ...) as keywords; a keyword
+# that names an architecture field (depth, hidden_size, ...) overrides the config's value.
+# S and B sizes are the DiT paper's Table 1; Ti (width 192, 3 heads, as DeiT-Ti) and Nano are CPU
+# sizes for demos and tests.
+
+
+def _factory(depth: int, hidden_size: int, num_heads: int, patch_size: int) -> Callable[..., DiT]:
+    def build(**kwargs) -> DiT:
+        arch = dict(
+            depth=depth, hidden_size=hidden_size, num_heads=num_heads, patch_size=patch_size
+        )
+        return DiT(**{**arch, **kwargs})
+
+    return build
+
+
+DIT_CONFIGS: dict[str, Callable[..., DiT]] = {
+    "DiT-B/2": _factory(depth=12, hidden_size=768, num_heads=12, patch_size=2),
+    "DiT-B/4": _factory(depth=12, hidden_size=768, num_heads=12, patch_size=4),
+    "DiT-B/8": _factory(depth=12, hidden_size=768, num_heads=12, patch_size=8),
+    "DiT-S/2": _factory(depth=12, hidden_size=384, num_heads=6, patch_size=2),
+    "DiT-S/4": _factory(depth=12, hidden_size=384, num_heads=6, patch_size=4),
+    "DiT-S/8": _factory(depth=12, hidden_size=384, num_heads=6, patch_size=8),
+    "DiT-Ti/2": _factory(depth=6, hidden_size=192, num_heads=3, patch_size=2),
+    "DiT-Ti/4": _factory(depth=6, hidden_size=192, num_heads=3, patch_size=4),
+    "DiT-Ti/8": _factory(depth=6, hidden_size=192, num_heads=3, patch_size=8),
+    "DiT-Nano/2": _factory(depth=2, hidden_size=64, num_heads=4, patch_size=2),
+    "DiT-Nano/4": _factory(depth=2, hidden_size=64, num_heads=4, patch_size=4),
+}
+
+
+def dit_from_config(name: str, **overrides) -> DiT:
+    """Build the named DiT, e.g. ``dit_from_config("DiT-S/4", input_size=64, num_classes=13)``.
+
+    ``overrides`` are ``DiT`` keyword arguments; architecture fields override the config's.
+
+    Raises:
+        ValueError: unknown ``name`` (the message lists the valid names), or bad sizes.
+    """
+    if name not in DIT_CONFIGS:
+        raise ValueError(f"unknown DiT config {name!r}; valid names: {', '.join(DIT_CONFIGS)}")
+    return DIT_CONFIGS[name](**overrides)

@@ -1,0 +1,270 @@
+"""Flow matching with the linear (rectified-flow) interpolant: time sampling, loss, ODE samplers, EMA.
+
+THE time convention of train-cats (docs/ARCHITECTURE.md), used by the loss and the samplers alike:
+
+    x_t = (1 - t) * x0 + t * noise,    t in [0, 1],  noise ~ N(0, I)
+
+so **t = 0 is data and t = 1 is noise**. The network regresses the constant velocity of each
+straight path, ``v = dx_t/dt = noise - x0``, and samplers integrate dx/dt = v(x, t) from t = 1
+(pure noise) down to t = 0 (data).
+
+Sources:
+- Liu, Gong & Liu 2022, "Flow Straight and Fast: Learning to Generate and Transfer Data with
+  Rectified Flow" (arXiv:2209.03003), §2: the linear interpolant and its velocity target.
+- Lipman et al. 2022, "Flow Matching for Generative Modeling" (arXiv:2210.02747), §3-4: the
+  (conditional) flow-matching regression loss.
+- Esser et al. 2024, "Scaling Rectified Flow Transformers for High-Resolution Image Synthesis"
+  (SD3, arXiv:2403.03206), §3.1: logit-normal time sampling, which puts more training weight on
+  the hard middle of the path.
+- Ho & Salimans 2022, "Classifier-Free Diffusion Guidance" (arXiv:2207.12598): CFG.
+- Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative Models"
+  (arXiv:2206.00364), §3 / Alg. 1: Heun's second-order sampler.
+- EMA warm-up after the TensorFlow ``ExponentialMovingAverage(num_updates=...)`` rule.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+TIME_SCHEDULES = ("uniform", "logit_normal")
+SAMPLERS = ("euler", "heun")
+
+
+def sample_time(
+    batch: int,
+    schedule: str,
+    generator: torch.Generator | None = None,
+    loc: float = 0.0,
+    scale: float = 1.0,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Draw training times t.
+
+    Args:
+        batch: number of times B >= 1.
+        schedule: ``"uniform"`` (t ~ U[0, 1)) or ``"logit_normal"`` (t = sigmoid(u),
+            u ~ N(loc, scale^2); Esser et al. 2024 §3.1, where loc=0, scale=1 works best).
+        generator: optional torch.Generator; the draw happens on its device, so the same
+            generator state always gives the same times.
+        loc, scale: logit-normal location and scale (scale > 0); ignored for ``"uniform"``.
+        device: where to return the result (default: the generator's device, else CPU).
+
+    Returns:
+        (B,) float32 in [0, 1) (uniform) or (0, 1) (logit-normal).
+
+    Raises:
+        ValueError: unknown schedule, batch < 1 or scale <= 0.
+    """
+    if schedule not in TIME_SCHEDULES:
+        raise ValueError(f"unknown time schedule {schedule!r}; valid: {', '.join(TIME_SCHEDULES)}")
+    if batch < 1:
+        raise ValueError(f"batch={batch} must be >= 1")
+    if scale <= 0:
+        raise ValueError(f"logit-normal scale={scale} must be > 0")
+    draw_device = generator.device if generator is not None else device
+    if schedule == "uniform":
+        t = torch.rand(batch, generator=generator, device=draw_device)
+    else:
+        u = torch.randn(batch, generator=generator, device=draw_device) * scale + loc
+        t = torch.sigmoid(u)
+    return t.to(device) if device is not None else t
+
+
+def interpolate(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The point on the straight path: ``x_t = (1 - t) * x0 + t * noise``.
+
+    x0, noise: (B, ...) float, same shape; t: (B,) float in [0, 1]. Returns (B, ...).
+    """
+    t = t.reshape(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
+    return (1 - t) * x0 + t * noise
+
+
+def flow_matching_loss(
+    model: nn.Module,
+    x0: torch.Tensor,
+    y: torch.Tensor,
+    schedule: str = "logit_normal",
+    generator: torch.Generator | None = None,
+    loc: float = 0.0,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """Conditional flow-matching loss ``E |model(x_t, t, y) - (noise - x0)|^2`` (Lipman et al. §4).
+
+    Every random draw of the step (times, noise and, for a model in training mode with
+    ``class_dropout_prob > 0``, the CFG label dropout) comes from ``generator`` when given, so
+    restoring the generator's state reproduces the step exactly (resumable training).
+
+    Args:
+        model: a velocity model ``model(x, t, y, force_drop_ids=None) -> (B, C, H, W)``
+            such as ``DiT``.
+        x0: (B, C, H, W) float data, scaled to about [-1, 1].
+        y: (B,) int64 class labels.
+        schedule: time schedule, see ``sample_time``.
+        generator: optional torch.Generator (on any device; draws move to ``x0.device``).
+        loc, scale: logit-normal parameters.
+
+    Returns:
+        Scalar float32 mean squared error over all pixels.
+
+    Raises:
+        ValueError: unknown schedule, or ``x0``/``y`` shapes that do not match.
+    """
+    if x0.dim() != 4 or y.shape != (x0.shape[0],):
+        raise ValueError(
+            f"expected x0 (B, C, H, W) and y (B,), got x0 {tuple(x0.shape)} and y {tuple(y.shape)}"
+        )
+    batch = x0.shape[0]
+    draw_device = generator.device if generator is not None else x0.device
+    t = sample_time(batch, schedule, generator, loc, scale, device=x0.device)
+    noise = torch.randn(x0.shape, generator=generator, device=draw_device).to(x0)
+    drop_prob = getattr(model, "class_dropout_prob", 0.0)
+    force_drop_ids = None
+    if model.training and drop_prob > 0:
+        force_drop_ids = (
+            torch.rand(batch, generator=generator, device=draw_device) < drop_prob
+        ).to(x0.device)
+    x_t = interpolate(x0, noise, t)
+    pred = model(x_t, t, y, force_drop_ids=force_drop_ids)
+    return F.mse_loss(pred.float(), (noise - x0).float())
+
+
+@torch.no_grad()
+def sample(
+    model: nn.Module,
+    noise: torch.Tensor,
+    y: torch.Tensor,
+    steps: int,
+    method: str = "euler",
+    cfg_scale: float = 1.0,
+) -> torch.Tensor:
+    """Integrate the learned ODE dx/dt = v(x, t) from t = 1 (noise) to t = 0 (data).
+
+    Uses ``steps`` uniform steps of size 1/steps. Euler: one model call per step. Heun (Karras et
+    al. 2022 Alg. 1, without its churn): an Euler predictor, then the trapezoid corrector, two
+    model calls per step, second-order accurate. The model is put in ``eval()`` mode for the
+    call (so no label dropout) and restored afterwards.
+
+    Args:
+        model: velocity model ``model(x, t, y)``; for ``cfg_scale != 1`` it must also have
+            ``forward_with_cfg(x, t, y, cfg_scale)`` (``DiT`` does, using its ``null_class``).
+        noise: (B, C, H, W) float, x at t = 1, usually ``torch.randn``.
+        y: (B,) int64 class labels.
+        steps: number of integration steps >= 1.
+        method: ``"euler"`` or ``"heun"``.
+        cfg_scale: classifier-free guidance scale; 1 = plain conditional prediction (one pass).
+
+    Returns:
+        (B, C, H, W) float, the sample x0 (same dtype as ``noise``), about [-1, 1] when trained.
+
+    Raises:
+        ValueError: steps < 1, unknown method, or mismatched shapes.
+    """
+    if steps < 1:
+        raise ValueError(f"steps={steps} must be >= 1")
+    if method not in SAMPLERS:
+        raise ValueError(f"unknown sampler {method!r}; valid: {', '.join(SAMPLERS)}")
+    if y.shape != (noise.shape[0],):
+        raise ValueError(f"y must have shape ({noise.shape[0]},), got {tuple(y.shape)}")
+
+    def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
+        t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)
+        if cfg_scale == 1.0:
+            return model(x, t_batch, y)
+        return model.forward_with_cfg(x, t_batch, y, cfg_scale)
+
+    was_training = model.training
+    model.eval()
+    try:
+        x = noise
+        times = torch.linspace(1.0, 0.0, steps + 1).tolist()
+        for t_cur, t_next in itertools.pairwise(times):
+            dt = t_next - t_cur  # negative: we walk from noise to data
+            v = velocity(x, t_cur)
+            if method == "heun":
+                # Trapezoid rule: average the slope here and at the Euler predictor's end point.
+                v = 0.5 * (v + velocity(x + dt * v, t_next))
+            x = x + dt * v
+        return x
+    finally:
+        model.train(was_training)
+
+
+class EMA:
+    """Exponential moving average of a model's weights, with warm-up (Polyak averaging).
+
+    After ``n`` previous updates, ``update`` uses the decay
+    ``d_n = min(decay, (1 + n) / (10 + n))`` and sets ``shadow = d_n * shadow + (1 - d_n) * param``.
+    The warm-up stops the random initial weights from dominating the average for the first
+    ~1/(1-decay) steps. Floating-point buffers are averaged too; integer buffers are copied.
+
+    ``shadow`` is a full, frozen ``eval()`` copy of the model: sample from it directly, or export
+    its ``state_dict()``. A ``torch.compile`` wrapper is unwrapped, so keys never carry
+    ``_orig_mod.``.
+
+    Args:
+        model: the model being trained (its current weights seed the shadow).
+        decay: the final decay in [0, 1); DiT uses 0.9999 at batch 256, short runs want less.
+        warmup: apply the warm-up rule (False = constant ``decay`` from the first step).
+
+    Raises:
+        ValueError: decay outside [0, 1).
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: bool = True):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay={decay} must be in [0, 1)")
+        self.decay = decay
+        self.warmup = warmup
+        self.num_updates = 0
+        self.shadow = copy.deepcopy(_unwrap(model)).eval().requires_grad_(False)
+
+    def current_decay(self) -> float:
+        """The decay the next ``update`` will use."""
+        if not self.warmup:
+            return self.decay
+        n = self.num_updates
+        return min(self.decay, (1 + n) / (10 + n))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Fold the model's current weights into the shadow (call after each optimizer step)."""
+        d = self.current_decay()
+        source = _unwrap(model).state_dict()
+        for name, ema_value in self.shadow.state_dict().items():
+            value = source[name].detach()
+            if ema_value.dtype.is_floating_point:
+                ema_value.lerp_(value.to(ema_value.dtype), 1.0 - d)
+            else:
+                ema_value.copy_(value)
+        self.num_updates += 1
+
+    def copy_to(self, model: nn.Module) -> None:
+        """Load the averaged weights into ``model`` (same architecture)."""
+        _unwrap(model).load_state_dict(self.shadow.state_dict())
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain dict for checkpoints: shadow weights, decay, warm-up flag and update count."""
+        return {
+            "shadow": self.shadow.state_dict(),
+            "decay": self.decay,
+            "warmup": self.warmup,
+            "num_updates": self.num_updates,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from ``state_dict()``; the shadow keeps its device and dtype."""
+        self.shadow.load_state_dict(state["shadow"])
+        self.decay = float(state["decay"])
+        self.warmup = bool(state["warmup"])
+        self.num_updates = int(state["num_updates"])
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module under a ``torch.compile`` wrapper (``OptimizedModule._orig_mod``), else itself."""
+    return getattr(model, "_orig_mod", model)
