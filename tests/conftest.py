@@ -36,3 +36,16 @@ def shared_datasets() -> Path:
     if not OXFORD_MINI.is_file() or not PETIMAGES.is_file():
         pytest.fail(f"the shared datasets are missing under {SHARED_DATASETS}; clone next to ../shared")
     return SHARED_DATASETS
+
+
+@pytest.fixture(scope="session")
+def oxford_mini_species_ref(shared_datasets: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The shared oxford-pets-mini archive published with labels=species at 32 and 64 px.
+
+    Returns its `data.dataset.DatasetRef` (classes ["cat", "other"], 120 cats + 250 others).
+    """
+    from data.dataset import DatasetSpec
+    from data.download import ensure
+
+    spec = DatasetSpec(source=str(OXFORD_MINI), labels="species", image_sizes=[32, 64])
+    return ensure(spec, tmp_path_factory.mktemp("oxford-mini-data"))

@@ -1,0 +1,302 @@
+"""Download, verify and publish a versioned cat data set, idempotently.
+
+Command line (either form; the last stdout line is the DatasetRef as JSON, logs go to stderr):
+
+    python data/download.py --source URL_OR_PATH [--labels breed|species] [--image-size 64 ...]
+    python -m data.download --help
+
+From code, `ensure(spec, data_dir)` is the one entry point (the Prefect task and the Modal
+function call exactly this).
+
+A version is published as `<data_dir>/<version id>/` by building it in
+`<data_dir>/.staging/<version>-*` and renaming it into place once its manifest, written last,
+is complete. The version id hashes the whole spec, so a different spec publishes a sibling
+folder. A ready version is recognised from its manifest alone, before any network access; a
+file lock per version makes concurrent callers wait for, then reuse, a single build.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # Run as `python data/download.py`: make the repository root importable, so that the script
+    # finds its own package wherever the checkout (or a container's copy of it) lives.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse
+import hashlib
+import logging
+import shutil
+import tempfile
+import time
+from datetime import datetime, timezone
+
+import filelock
+from pydantic import ValidationError
+
+from data.archive import iter_images, label_members
+from data.dataset import (
+    DATA_DIR_ENV,
+    LABELS_NAME,
+    MANIFEST_NAME,
+    OFFICIAL_OXFORD_URL,
+    REFERENCE_NAME,
+    SPLIT_NAME,
+    TOOL_VERSION,
+    ArchiveInfo,
+    DatasetRef,
+    DatasetSpec,
+    FileInfo,
+    Manifest,
+    default_data_dir,
+    read_manifest,
+    sha256_file,
+)
+from data.errors import DatasetError, TransientError
+from data.fetch import fetch
+from data.pack import RESIZE_METHOD, decode_all, default_workers, pack
+
+log = logging.getLogger("data.download")
+
+_LOGGED_SKIPS = 50
+
+
+def ensure(
+    spec: DatasetSpec, data_dir: Path | str | None = None, *, workers: int | None = None
+) -> DatasetRef:
+    """Return the published version for `spec`, building it first if needed.
+
+    Args:
+        spec: what to build; its `version_id()` names the folder.
+        data_dir: where versions live; default `$TRAIN_CATS_DATA_DIR`, else `./artifacts/data`.
+        workers: decoding processes; default one per available CPU, 1 decodes in this process.
+
+    Returns:
+        The DatasetRef of `<data_dir>/<version>`. If that folder already holds a valid manifest,
+        it returns at once with no network request.
+
+    Raises:
+        TransientError (SourceUnreachableError, ServerError, TruncatedDownloadError): worth
+            retrying later.
+        PermanentError (SourceNotFoundError, ChecksumMismatchError, InvalidArchiveError): not.
+        Nothing is published when any error is raised.
+    """
+    data_dir = Path(data_dir).expanduser().resolve() if data_dir else default_data_dir()
+    version = spec.version_id()
+    root = data_dir / version
+    manifest = read_manifest(root)
+    if manifest is not None:
+        log.info("data set %s is ready at %s", version, root)
+        return manifest.to_ref(root)
+
+    (data_dir / ".locks").mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(data_dir / ".locks" / f"{version}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        log.info("another process is building %s; waiting for it", version)
+        lock.acquire()
+    try:
+        manifest = read_manifest(root)
+        if manifest is not None:
+            log.info("data set %s was published by another process; reusing it", version)
+            return manifest.to_ref(root)
+        return _build(spec, data_dir, root, workers or default_workers())
+    finally:
+        lock.release()
+
+
+def _build(spec: DatasetSpec, data_dir: Path, root: Path, workers: int) -> DatasetRef:
+    """Fetch, verify, decode and pack into a staging folder, then rename it to `root`.
+
+    Must run under the version's lock.
+    """
+    version = root.name
+    staging_parent = data_dir / ".staging"
+    staging_parent.mkdir(exist_ok=True)
+    # We hold the lock, so any staging folder of this version is a crashed build's leftover.
+    for stale in staging_parent.glob(f"{version}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=f"{version}-", dir=staging_parent))
+    try:
+        started = time.perf_counter()
+        archive = fetch(spec, data_dir / ".downloads")
+        fetched = time.perf_counter()
+        skipped = []
+        decoded = decode_all(iter_images(archive.path, skipped), spec.image_sizes, staging, workers)
+        skipped += decoded.skipped
+        decoded_at = time.perf_counter()
+        labelling = label_members(decoded.names, spec.labels)
+        skipped += labelling.skipped
+        packed = pack(
+            decoded,
+            labelling,
+            spec.image_sizes,
+            staging,
+            max_other=spec.max_other,
+            val_fraction=spec.val_fraction,
+            seed=spec.seed,
+        )
+        files = {
+            name: FileInfo(
+                bytes=(staging / name).stat().st_size, sha256=sha256_file(staging / name)
+            )
+            for name in [LABELS_NAME, SPLIT_NAME, *packed.caches.values()]
+        }
+        listing = "".join(f"{name} {files[name].sha256}\n" for name in sorted(files))
+        skipped_counts: dict[str, int] = {}
+        for skip in skipped:
+            skipped_counts[skip.reason] = skipped_counts.get(skip.reason, 0) + 1
+        manifest = Manifest(
+            tool_version=TOOL_VERSION,
+            version=version,
+            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            spec=spec,
+            source=spec.source,
+            archive=ArchiveInfo(
+                name=archive.path.name,
+                bytes=archive.bytes,
+                sha256=archive.sha256,
+                checksum=archive.checksum,
+                checksum_verified=archive.checksum_verified,
+            ),
+            layout=labelling.layout,
+            label_mode=labelling.label_mode,
+            classes=packed.classes,
+            counts=packed.counts,
+            split_counts=packed.split_counts,
+            other_available=packed.other_available,
+            skipped=[skip.as_dict() for skip in skipped],
+            skipped_counts=skipped_counts,
+            resize=RESIZE_METHOD,
+            caches=packed.caches,
+            files=files,
+            content_hash=hashlib.sha256(listing.encode()).hexdigest(),
+        )
+        ref = manifest.to_ref(root)
+        (staging / REFERENCE_NAME).write_text(ref.model_dump_json(indent=2) + "\n")
+        (staging / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n")
+        _log_summary(manifest, skipped, len(decoded.names), fetched - started, decoded_at - fetched)
+        _publish(staging, root, data_dir)
+        log.info("published %s in %.1f s", root, time.perf_counter() - started)
+        return ref
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _publish(staging: Path, root: Path, data_dir: Path) -> None:
+    if root.exists():
+        # Only reachable for a folder without a valid manifest (ready ones return early): an
+        # interrupted copy or an older tool's output. Move it out of the way, never trust it.
+        trash = data_dir / ".trash" / f"{root.name}-{time.time_ns()}"
+        trash.parent.mkdir(exist_ok=True)
+        log.warning("replacing %s, which has no valid %s", root, MANIFEST_NAME)
+        root.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    staging.rename(root)
+
+
+def _log_summary(
+    manifest: Manifest, skipped: list, decoded: int, fetch_s: float, decode_s: float
+) -> None:
+    log.info(
+        "%s: %d images decoded in %.1f s (%.0f img/s; archive ready in %.1f s); classes %s",
+        manifest.version,
+        decoded,
+        decode_s,
+        decoded / max(decode_s, 1e-9),
+        fetch_s,
+        manifest.counts,
+    )
+    if manifest.other_available != manifest.counts.get("other", 0):
+        log.info(
+            "'other' capped: %d of %d kept",
+            manifest.counts.get("other", 0),
+            manifest.other_available,
+        )
+    log.info("skipped %d members: %s", len(skipped), manifest.skipped_counts or "none")
+    for skip in skipped[:_LOGGED_SKIPS]:
+        log.info(
+            "skipped %s: %s%s", skip.member, skip.reason, f" ({skip.detail})" if skip.detail else ""
+        )
+    if len(skipped) > _LOGGED_SKIPS:
+        log.info("... and %d more, listed in %s", len(skipped) - _LOGGED_SKIPS, MANIFEST_NAME)
+
+
+def _parser() -> argparse.ArgumentParser:
+    fields = DatasetSpec.model_fields
+    parser = argparse.ArgumentParser(
+        prog="python data/download.py",
+        description=__doc__.split("\n\n")[0],
+        epilog=(
+            f"Data lives in --data-dir, else ${DATA_DIR_ENV}, else ./artifacts/data. The last "
+            "stdout line is the DatasetRef JSON. Exit status: 0 ok, 1 permanent error, "
+            "75 transient error (retry later), 2 bad arguments."
+        ),
+    )
+    parser.add_argument("--source", default=OFFICIAL_OXFORD_URL, help=fields["source"].description)
+    parser.add_argument("--checksum", help=fields["checksum"].description)
+    parser.add_argument(
+        "--labels", choices=["breed", "species"], default="breed", help=fields["labels"].description
+    )
+    parser.add_argument(
+        "--image-size",
+        dest="image_sizes",
+        type=int,
+        action="append",
+        help=f"{fields['image_sizes'].description} Repeatable; default 64.",
+    )
+    parser.add_argument("--max-other", type=int, help=fields["max_other"].description)
+    parser.add_argument(
+        "--val-fraction", type=float, default=0.1, help=fields["val_fraction"].description
+    )
+    parser.add_argument("--seed", type=int, default=0, help=fields["seed"].description)
+    parser.add_argument(
+        "--data-dir", type=Path, help=f"Where versions live (default ${DATA_DIR_ENV})."
+    )
+    parser.add_argument("--workers", type=int, help="Decoding processes (default: one per CPU).")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    options = {
+        "source": args.source,
+        "checksum": args.checksum,
+        "labels": args.labels,
+        "max_other": args.max_other,
+        "val_fraction": args.val_fraction,
+        "seed": args.seed,
+    }
+    if args.image_sizes:
+        options["image_sizes"] = args.image_sizes
+    try:
+        spec = DatasetSpec(**options)
+    except ValidationError as exc:
+        parser.error(
+            "; ".join(
+                f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}"
+                for e in exc.errors()
+            )
+        )
+    if args.workers is not None and args.workers < 1:
+        parser.error("--workers must be at least 1")
+    try:
+        ref = ensure(spec, args.data_dir, workers=args.workers)
+    except DatasetError as exc:
+        log.error("%s: %s", type(exc).__name__, exc)
+        return 75 if isinstance(exc, TransientError) else 1
+    print(ref.model_dump_json())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
