@@ -86,7 +86,8 @@ def _iter_zip(path: Path, skipped: list[Skip]) -> Iterator[tuple[str, bytes]]:
             mode = info.external_attr >> 16
             if stat.S_ISLNK(mode):
                 _refuse(info.filename, "it is a symbolic link")
-            if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            # Many writers store permission bits only (no file type): those are regular files.
+            if stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
                 _refuse(info.filename, "it is not a regular file")
             _check_name(info.filename)
         for info in infos:

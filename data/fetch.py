@@ -18,6 +18,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import requests
+import urllib3
 from tqdm import tqdm
 
 from data.dataset import DatasetSpec, local_path
@@ -177,15 +178,14 @@ def _stream_once(
             handle.seek(offset)
             handle.truncate()
             try:
-                for chunk in response.iter_content(CHUNK_BYTES):
+                # read1 hands over every byte that arrived before a drop (a plain read(n) loses
+                # its partial buffer), and decode_content=False keeps the archive's own bytes
+                # even when a server labels a .tar.gz "Content-Encoding: gzip".
+                while chunk := response.raw.read1(CHUNK_BYTES, decode_content=False):
                     handle.write(chunk)
                     received += len(chunk)
                     bar.update(len(chunk))
-            except (
-                requests.ConnectionError,
-                requests.Timeout,
-                requests.exceptions.ChunkedEncodingError,
-            ) as exc:
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
                 cut = exc
         return received, cut is None and (total is None or offset + received == total), cut
 

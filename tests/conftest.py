@@ -49,3 +49,13 @@ def oxford_mini_species_ref(shared_datasets: Path, tmp_path_factory: pytest.Temp
 
     spec = DatasetSpec(source=str(OXFORD_MINI), labels="species", image_sizes=[32, 64])
     return ensure(spec, tmp_path_factory.mktemp("oxford-mini-data"))
+
+
+@pytest.fixture
+def http_server(tmp_path: Path):
+    """A started `tests/http_server.FileServer` on 127.0.0.1 serving `tmp_path / "www"`."""
+    from http_server import FileServer
+
+    (tmp_path / "www").mkdir()
+    with FileServer(tmp_path / "www") as server:
+        yield server
