@@ -1,0 +1,199 @@
+"""Classifiers: shapes and features per backbone, stems, errors, and the pretrained-weights fetch
+against real files in a temporary TORCH_HOME and real HTTP servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import functools
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision.models as tvm
+from torch import nn
+
+from models.classifier import (
+    BACKBONES,
+    DEFAULT_WEIGHTS_URL,
+    WEIGHTS_URL_ENV,
+    PretrainedWeightsUnavailable,
+    build_classifier,
+    features,
+    weights_cache_path,
+    weights_url,
+)
+
+torch.set_num_threads(2)
+
+
+@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+@pytest.mark.parametrize("small_input_stem", [False, True])
+def test_logits_and_features_have_the_right_shapes(backbone, small_input_stem):
+    torch.manual_seed(0)
+    model = build_classifier(backbone, 5, small_input_stem=small_input_stem).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        logits, feats = model(x), features(model, x)
+    assert logits.shape == (2, 5) and logits.dtype == torch.float32
+    assert feats.shape == (2, BACKBONES[backbone].feature_dim) == (2, model.feature_dim)
+    # The head is the only thing between the features and the logits.
+    torch.testing.assert_close(model.head(feats), logits)
+    assert isinstance(model.head, nn.Linear) and model.head.out_features == 5
+
+
+def test_small_input_stem_keeps_more_resolution():
+    model = build_classifier("resnet18", 2, small_input_stem=True).eval()
+    conv = model.backbone.conv1
+    assert (conv.kernel_size, conv.stride) == ((3, 3), (1, 1))
+    assert isinstance(model.backbone.maxpool, nn.Identity)
+    # Total stride 8 instead of 32: a 32 px image leaves a 4x4 map before pooling, not 1x1.
+    trunk = nn.Sequential(*list(model.backbone.children())[:-2])
+    assert trunk(torch.randn(1, 3, 32, 32)).shape[-2:] == (4, 4)
+    plain = build_classifier("resnet18", 2).eval()
+    trunk = nn.Sequential(*list(plain.backbone.children())[:-2])
+    assert trunk(torch.randn(1, 3, 32, 32)).shape[-2:] == (1, 1)
+    mobile = build_classifier("mobilenet_v3_small", 2, small_input_stem=True)
+    assert mobile.backbone.features[0][0].stride == (1, 1)
+
+
+def test_unknown_backbone_lists_the_valid_names():
+    with pytest.raises(ValueError, match="resnet18, resnet34, resnet50, mobilenet_v3_small"):
+        build_classifier("vgg16", 3)
+
+
+def test_zero_classes_is_an_error():
+    with pytest.raises(ValueError, match="num_classes=0"):
+        build_classifier("resnet18", 0)
+
+
+# --- pretrained weights ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch) -> Path:
+    home = tmp_path / "torch-home"
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    return home
+
+
+def _closed_port() -> int:
+    """A 127.0.0.1 port with nothing listening (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(handler) -> tuple[ThreadingHTTPServer, str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def _random_state_dict(backbone: str) -> dict[str, torch.Tensor]:
+    torch.manual_seed(123)
+    return BACKBONES[backbone].build(weights=None).state_dict()
+
+
+def test_default_url_is_torchvisions_host(monkeypatch):
+    monkeypatch.delenv(WEIGHTS_URL_ENV, raising=False)
+    assert DEFAULT_WEIGHTS_URL == "https://download.pytorch.org/models/"
+    assert weights_url("resnet18") == tvm.ResNet18_Weights.IMAGENET1K_V1.url
+
+
+def test_cached_weights_load_without_network(torch_home, monkeypatch):
+    monkeypatch.setenv(WEIGHTS_URL_ENV, f"http://127.0.0.1:{_closed_port()}/models/")
+    state = _random_state_dict("resnet18")
+    cached = torch_home / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    assert weights_cache_path("resnet18") == cached
+    cached.parent.mkdir(parents=True)
+    torch.save(state, cached)
+    model = build_classifier("resnet18", 3, pretrained=True)
+    assert torch.equal(model.backbone.conv1.weight, state["conv1.weight"])
+    assert torch.equal(model.backbone.layer4[1].bn2.running_var, state["layer4.1.bn2.running_var"])
+    assert model.head.out_features == 3
+
+
+def test_offline_fails_fast_naming_the_host_and_the_way_out(torch_home, monkeypatch):
+    port = _closed_port()
+    monkeypatch.setenv(WEIGHTS_URL_ENV, f"http://127.0.0.1:{port}/models")
+    start = time.monotonic()
+    with pytest.raises(PretrainedWeightsUnavailable) as err:
+        build_classifier("resnet18", 3, pretrained=True)
+    assert time.monotonic() - start < 10
+    message = str(err.value)
+    assert f"host 127.0.0.1:{port}" in message
+    assert f"127.0.0.1:{port}/models/resnet18-f37072fd.pth" in message
+    assert "pretrained=False" in message and "TORCH_HOME" in message
+    assert not (torch_home / "hub" / "checkpoints" / "resnet18-f37072fd.pth").exists()
+
+
+def test_weights_are_downloaded_from_a_mirror_cached_and_loaded(torch_home, tmp_path, monkeypatch):
+    state = _random_state_dict("mobilenet_v3_small")
+    mirror = tmp_path / "mirror" / "models"
+    mirror.mkdir(parents=True)
+    torch.save(state, mirror / "mobilenet_v3_small-047dcff4.pth")
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(mirror.parent))
+    server, base = _serve(handler)
+    try:
+        monkeypatch.setenv(WEIGHTS_URL_ENV, f"{base}/models/")
+        model = build_classifier("mobilenet_v3_small", 2, pretrained=True)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert torch.equal(model.backbone.features[0][0].weight, state["features.0.0.weight"])
+    cache_dir = torch_home / "hub" / "checkpoints"
+    assert [p.name for p in cache_dir.iterdir()] == ["mobilenet_v3_small-047dcff4.pth"]
+    # The server is gone: a second build is served from the cache.
+    again = build_classifier("mobilenet_v3_small", 4, pretrained=True)
+    assert torch.equal(again.backbone.features[0][0].weight, state["features.0.0.weight"])
+
+
+def test_missing_file_on_the_mirror_is_a_clear_error(torch_home, tmp_path, monkeypatch):
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server, base = _serve(handler)
+    try:
+        monkeypatch.setenv(WEIGHTS_URL_ENV, base)
+        with pytest.raises(PretrainedWeightsUnavailable, match=r"404.*pretrained=False"):
+            build_classifier("resnet34", 3, pretrained=True)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class _TruncatingHandler(BaseHTTPRequestHandler):
+    """Promises 1 MB, sends 1 KB, then hangs up: a dropped connection mid-download."""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(1 << 20))
+        self.end_headers()
+        self.wfile.write(b"\0" * 1024)
+        self.wfile.flush()
+        self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+
+def test_truncated_download_leaves_nothing_in_the_cache(torch_home, monkeypatch):
+    server, base = _serve(_TruncatingHandler)
+    try:
+        monkeypatch.setenv(WEIGHTS_URL_ENV, base)
+        with pytest.raises(PretrainedWeightsUnavailable, match="pretrained=False"):
+            build_classifier("resnet18", 3, pretrained=True)
+    finally:
+        server.shutdown()
+        server.server_close()
+    cache_dir = torch_home / "hub" / "checkpoints"
+    assert not cache_dir.exists() or list(cache_dir.iterdir()) == []
+
+
+def test_corrupt_cached_file_is_a_clear_error(torch_home):
+    cached = weights_cache_path("resnet18")
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"<html>not a checkpoint</html>")
+    with pytest.raises(PretrainedWeightsUnavailable, match="not a readable state dict"):
+        build_classifier("resnet18", 3, pretrained=True)
