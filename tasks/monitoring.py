@@ -1,0 +1,140 @@
+"""The Prefect artifacts a person reads in the UI: dataset summary, live training progress,
+training results with links to the files, and a note on each failure.
+
+Keys are stable per kind (``dataset-summary``, ``dit-metrics`` ...), so the UI's Artifacts page
+shows each as one series across scheduled runs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+
+from data.dataset import DatasetRef, read_manifest
+
+PROGRESS_EVERY_S = 2.0
+
+
+def publish_dataset_summary(ref: DatasetRef) -> None:
+    """A table of images per class (train/val when the manifest is readable here) and the skips.
+
+    On Modal the version folder lives on the data volume, so only the reference's counts exist
+    on this side; locally the manifest adds the split and every skipped file's reason.
+    """
+    manifest = read_manifest(Path(ref.root))
+    splits = manifest.split_counts if manifest else {}
+    create_table_artifact(
+        table=[
+            {
+                "class": name,
+                "images": ref.counts.get(name, 0),
+                **{split: counts.get(name, 0) for split, counts in splits.items()},
+            }
+            for name in ref.classes
+        ],
+        key="dataset-summary",
+        description=f"Dataset {ref.version} at {ref.root}",
+    )
+    if manifest:
+        skipped = "\n".join(f"- {reason}: {n}" for reason, n in manifest.skipped_counts.items())
+        create_markdown_artifact(
+            markdown=f"## Dataset {ref.version}\n\n**Source:** `{manifest.source}`\n\n"
+            f"**Archive:** {manifest.archive.bytes:,} bytes, `{manifest.archive.checksum}` "
+            f"(verified: {manifest.archive.checksum_verified})\n\n"
+            f"**Skipped files:**\n{skipped or '- none'}\n\n**Resize:** {manifest.resize}",
+            key="dataset-details",
+            description=f"Dataset {ref.version}: source, checksum, skipped files",
+        )
+
+
+def failure_artifact(step: Any, task_run: Any, state: Any) -> None:
+    """``on_failure`` hook: a markdown artifact naming the step, its parameters and the error."""
+    params = json.dumps(task_run.parameters or {}, default=str, indent=1)[:2000]
+    create_markdown_artifact(
+        markdown=(
+            f"## {step.name} failed\n\n**Task run:** `{task_run.name}`\n\n"
+            f"**Error:** {state.message}\n\n**Parameters:**\n```json\n{params}\n```\n\n"
+            "Training resumes from the newest checkpoint in its run dir: re-run the flow run "
+            "(or the deployment with the same parameters) to continue."
+        ),
+        key=f"failure-{step.name.replace('_', '-')}",
+        description=f"{step.name} failed",
+    )
+
+
+class ProgressArtifact:
+    """A training ``progress`` callback that keeps one Prefect progress artifact up to date."""
+
+    def __init__(self, label: str):
+        self.label = label
+        self.artifact_id = create_progress_artifact(0.0, description=f"{label}: starting")
+        self.last = 0.0
+        self.logger = get_run_logger()
+
+    def __call__(self, p: dict) -> None:
+        now = time.monotonic()
+        final = p["step"] >= p["total_steps"]
+        if now - self.last < PROGRESS_EVERY_S and not final:
+            return
+        self.last = now
+        text = (
+            f"{self.label}: step {p['step']}/{p['total_steps']}, loss {p['loss']:.4f}, "
+            f"lr {p['lr']:.2e}, {p['images_per_s']:.1f} img/s"
+        )
+        update_progress_artifact(
+            self.artifact_id, 100.0 * p["step"] / max(p["total_steps"], 1), description=text
+        )
+        self.logger.info(text)
+
+
+def publish_training(model: str, result: dict, where: str) -> None:
+    metrics = result.get("metrics") or {}
+    create_table_artifact(
+        table=[{"metric": k, "value": v} for k, v in sorted(metrics.items())],
+        key=f"{model}-metrics",
+        description=f"{model}: final training metrics ({where})",
+    )
+    files = result.get("files") or {}
+    items = files.items() if isinstance(files, dict) else ((Path(f).name, f) for f in files)
+    lines = [f"- {name}: `{path}`" for name, path in items]
+    create_markdown_artifact(
+        markdown=f"## {model} run\n\n**Run dir ({where}):** `{result['run_dir']}`\n\n"
+        + "\n".join(lines),
+        key=f"{model}-files",
+        description=f"{model}: exported files",
+    )
+    if where == "local":
+        create_link_artifact(
+            Path(result["run_dir"]).resolve().as_uri(),
+            link_text=f"{model} run dir",
+            key=f"{model}-run-dir",
+        )
+
+
+def publish_remote_report(result: dict, out: str) -> None:
+    """Artifacts for a report written on the runs volume: its metrics and how to fetch it.
+
+    (Locally ``tasks.evaluate`` publishes the full report itself, images inline.)
+    """
+    rows = [{"metric": k, "value": v} for k, v in sorted((result.get("metrics") or {}).items())]
+    rows += [{"metric": k, "value": f"not computed: {v}"} for k, v in
+             sorted((result.get("not_computed") or {}).items())]  # fmt: skip
+    create_table_artifact(rows, key="eval-metrics", description="Evaluation metrics (Modal)")
+    create_markdown_artifact(
+        markdown=f"## Evaluation report on volume `train-cats-runs`\n\n`{result['report_dir']}`"
+        f"\n\nRegressions: {result.get('regressions') or 'none'}\n\nFetch it with:\n\n"
+        f"```\nmodal volume get train-cats-runs {out} ./report\n```",
+        key="eval-report-location",
+        description="Where the evaluation report lives on Modal",
+    )

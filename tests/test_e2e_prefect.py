@@ -1,0 +1,207 @@
+"""End to end, as a user meets it: a real Prefect server, `prefect deploy --all`, a process worker,
+`prefect deployment run train-cats/dit --watch`, then the Prefect UI in headless Chromium.
+
+The dataset is the shared oxford-pets-mini archive served by a real HTTP server on 127.0.0.1; the
+storage roots come from the worker's environment and point into this test's temporary folder.
+The screenshot is saved under tests/output/ (its path is printed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import OXFORD_MINI, REPO
+from tests.http_server import FileServer
+
+pytestmark = pytest.mark.e2e
+
+POOL = "train-cats-local"
+PREFECT = [sys.executable, "-m", "prefect"]
+OUTPUT = REPO / "tests" / "output"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1500,1100",
+    "--virtual-time-budget=20000",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cli(env: dict, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [*PREFECT, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, f"prefect {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, shared_datasets):
+    """Prefect server + work pool + deployments + process worker + dataset server."""
+    root = tmp_path_factory.mktemp("e2e")
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(root / "prefect"),
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_UI_API_URL": api,
+        "TRAIN_CATS_DATA_DIR": str(root / "data"),
+        "TRAIN_CATS_RUNS_DIR": str(root / "runs"),
+        "PWD": str(REPO),
+    }
+    logs = root / "logs"
+    logs.mkdir()
+    procs = []
+
+    def start(name: str, *args: str) -> subprocess.Popen:
+        out = open(logs / f"{name}.log", "w")  # noqa: SIM115 - closed with the process below
+        proc = subprocess.Popen([*PREFECT, *args], cwd=REPO, env=env, stdout=out, stderr=out)
+        procs.append((proc, out))
+        return proc
+
+    files = FileServer(root / "www")
+    files.__enter__()
+    files.add("/images.tar.gz", OXFORD_MINI)
+    try:
+        start("server", "server", "start", "--host", "127.0.0.1", "--port", str(port))
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, (logs / "server.log").read_text()[-3000:]
+            time.sleep(0.5)
+        _cli(env, "work-pool", "create", POOL, "--type", "process")
+        _cli(env, "--no-prompt", "deploy", "--all")
+        start("worker", "worker", "start", "--pool", POOL)
+        yield {"env": env, "api": api, "port": port, "files": files, "root": root, "logs": logs}
+    finally:
+        for proc, out in reversed(procs):
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            out.close()
+        files.__exit__(None, None, None)
+
+
+def _run_dit(stack) -> dict:
+    params = {
+        "dataset": {
+            "source": stack["files"].url("/images.tar.gz"),
+            "checksum": "sha256:5e323a073ce0e71fda305108a81efefa0abf20074e647cb6143273b4221b4229",
+            "labels": "breed",
+            "max_other": 24,
+            "image_sizes": [32],
+        },
+        "dit": {"preset": "cpu-tiny"},
+        "evaluation": {"enabled": True, "samples_per_class": 2},
+    }
+    result = subprocess.run(
+        [*PREFECT, "deployment", "run", "train-cats/dit", "--params", json.dumps(params),
+         "--watch", "--watch-interval", "2", "--watch-timeout", "240"],
+        cwd=REPO, env=stack["env"], capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    runs = _post(stack, "flow_runs/filter", {"sort": "EXPECTED_START_TIME_DESC", "limit": 1})
+    assert result.returncode == 0, (
+        f"{result.stdout}\n{result.stderr}\nworker log:\n"
+        + (stack["logs"] / "worker.log").read_text()[-6000:]
+    )
+    return runs[0]
+
+
+def _post(stack, path: str, body: dict) -> list[dict]:
+    response = httpx.post(f"{stack['api']}/{path}", json=body, timeout=30)
+    response.raise_for_status()
+    return response.json()
+
+
+def _chromium(*args: str) -> str:
+    with tempfile.TemporaryDirectory() as profile:
+        result = subprocess.run(
+            [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def test_deployment_runs_end_to_end_and_the_ui_shows_it(stack):
+    t0 = time.monotonic()
+    first = _run_dit(stack)
+    assert first["state_type"] == "COMPLETED"
+    assert stack["files"].count("/images.tar.gz") >= 1
+    print(f"first deployment run: {time.monotonic() - t0:.1f} s")
+
+    flow_filter = {"flow_runs": {"id": {"any_": [first["id"]]}}}
+    tasks = _post(stack, "task_runs/filter", flow_filter)
+    names = sorted(t["name"] for t in tasks)
+    assert {"ensure_dataset", "train_dit", "evaluate"} <= {n.split(" ")[0] for n in names}, names
+    assert all(t["state_type"] == "COMPLETED" for t in tasks), names
+    assert any("cpu-tiny" in n for n in names), names  # readable names: model · preset
+
+    artifacts = _post(
+        stack, "artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [first["id"]]}}}
+    )
+    keys = {a["key"] for a in artifacts if a["key"]}
+    types = {a["type"] for a in artifacts}
+    assert "progress" in types and "table" in types and "markdown" in types, types
+    assert {"dit-metrics", "dit-files"} <= keys, keys
+
+    run_dirs = list((stack["root"] / "runs").glob("*/dit"))
+    assert len(run_dirs) == 1, run_dirs
+    dit_dir = run_dirs[0]
+    assert (dit_dir / "model.safetensors").stat().st_size > 0
+    assert (dit_dir / "config.json").is_file()
+    assert list((dit_dir / "checkpoints").iterdir())
+    reports = list((stack["root"] / "runs").glob("*/report/report.json"))
+    assert reports and json.loads(reports[0].read_text())
+    assert (reports[0].parent / "report.md").is_file()
+
+    # Second run: the published dataset version is reused, the archive is not fetched again.
+    before = stack["files"].count("/images.tar.gz")
+    second = _run_dit(stack)
+    assert second["state_type"] == "COMPLETED"
+    assert stack["files"].count("/images.tar.gz") == before == 1
+
+    # The Prefect UI, in headless Chromium: the run's task runs and artifacts are on the page.
+    page = f"http://127.0.0.1:{stack['port']}/runs/flow-run/{first['id']}"
+    dom = _chromium("--dump-dom", f"{page}?tab=Task+Runs")
+    for name in ("ensure_dataset", "train_dit", "evaluate"):
+        assert name in dom, f"task run {name} not shown on {page}"
+    dom = _chromium("--dump-dom", f"{page}?tab=Artifacts")
+    for key in ("dit-metrics", "dit-files"):
+        assert key in dom, f"artifact {key} not shown on {page}"
+    OUTPUT.mkdir(exist_ok=True)
+    shot = OUTPUT / "e2e-flow-run.png"
+    _chromium(f"--screenshot={shot}", page)
+    assert shot.stat().st_size > 10_000
+    print(f"UI screenshot: {shot}")

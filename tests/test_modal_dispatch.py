@@ -1,0 +1,214 @@
+"""The Modal path's wiring, with a double for Modal's remote calls (tests/modal_double.py) that runs
+the real Modal function bodies locally: arguments, volume paths, commit/reload order, call-id
+artifacts, concurrency of the two trainings, cancellation, and the no-credentials error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+from conftest import OXFORD_MINI
+from modal_double import ModalDouble, RecordingVolume
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowRunFilter,
+    FlowRunFilterId,
+)
+
+from flows.train_cats import train_cats
+from tasks import backend, modal_app
+
+
+@pytest.fixture
+def volumes(tmp_path, monkeypatch):
+    """Two folders standing in for the volumes, wired as the image wires /data and /runs."""
+    data, runs, log = tmp_path / "vol-data", tmp_path / "vol-runs", []
+    data.mkdir()
+    runs.mkdir()
+    env = {"TRAIN_CATS_DATA_DIR": str(data), "TRAIN_CATS_RUNS_DIR": str(runs)}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MODAL_TOKEN_ID", "ak-test-double")
+    monkeypatch.setenv("MODAL_TOKEN_SECRET", "as-test-double")
+    monkeypatch.setattr(modal_app, "data_volume", RecordingVolume("data", data, log))
+    monkeypatch.setattr(modal_app, "runs_volume", RecordingVolume("runs", runs, log))
+    return {"data": data, "runs": runs, "log": log, "env": env}
+
+
+def _artifacts(flow_run_id) -> list:
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+
+
+def test_functions_declare_volumes_gpu_retries_and_single_use_containers():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        infos = {n: getattr(modal_app, n).info() for n in ("ensure_dataset", "train_classifier",
+                                                         "train_dit", "evaluate")}  # fmt: skip
+    assert {k: v.name for k, v in infos["ensure_dataset"].volumes.items()} == {
+        "/data": "train-cats-data"
+    }
+    for name in ("train_classifier", "train_dit", "evaluate"):
+        info = infos[name]
+        assert {k: v.name for k, v in info.volumes.items()} == {
+            "/data": "train-cats-data",
+            "/runs": "train-cats-runs",
+        }
+        assert info.gpus == [(modal_app.DEFAULT_GPU, 1)]
+        assert info.single_use_containers
+        assert info.max_retries == 3
+        assert 3600 <= info.timeout <= 24 * 3600
+    # The image's storage roots are the mount points, so the plain functions write to volumes.
+    assert str(modal_app.DATA_MOUNT) in infos["ensure_dataset"].volumes
+
+
+def test_modal_backend_runs_each_step_remotely_with_volume_discipline(volumes, monkeypatch):
+    double = ModalDouble(volumes["env"])
+    monkeypatch.setattr(backend, "lookup", double.resolve)
+    state = train_cats(
+        dataset={"source": str(OXFORD_MINI), "labels": "species", "image_sizes": [32],
+                 "max_other": 40},
+        models=["classifier", "dit"],
+        classifier={"preset": "cpu-tiny"},
+        dit={"preset": "cpu-tiny"},
+        compute={"backend": "modal", "gpu": "H100"},
+        evaluation={"samples_per_class": 2},
+        return_state=True,
+    )  # fmt: skip
+    assert state.is_completed(), state.message
+    summary = state.result()
+
+    # Arguments: every step ran on Modal, on the requested GPU, with JSON-able arguments.
+    by_name = {c.name: c for c in double.calls}
+    assert sorted(by_name) == ["ensure_dataset", "evaluate", "train_classifier", "train_dit"]
+    assert double.gpus["train_dit"] == double.gpus["train_classifier"] == "H100"
+    spec = json.loads(by_name["ensure_dataset"].kwargs["spec"])
+    assert spec["labels"] == "species" and spec["image_sizes"] == [32]
+    dit = by_name["train_dit"].kwargs
+    assert dit["preset"] == "cpu-tiny" and json.loads(dit["overrides"]) == {}
+    ref = json.loads(dit["dataset"])
+    # Volume paths: the dataset lives on the data volume, the runs on the runs volume.
+    assert Path(ref["root"]).parent == volumes["data"]
+    assert dit["run_name"].endswith("/dit")
+    prefix = dit["run_name"].rsplit("/", 1)[0]
+    assert by_name["train_classifier"].kwargs["run_name"] == f"{prefix}/classifier"
+    ev = by_name["evaluate"].kwargs
+    assert (ev["classifier"], ev["dit"], ev["out"]) == (
+        f"{prefix}/classifier", f"{prefix}/dit", f"{prefix}/report")  # fmt: skip
+    assert (volumes["runs"] / prefix / "dit" / "model.safetensors").is_file()
+    assert (volumes["runs"] / prefix / "report" / "report.json").is_file()
+    assert summary["run_dirs"]["dit"] == str(volumes["runs"] / prefix / "dit")
+    assert summary["dataset_version"] == ref["version"]
+
+    # Commit/reload order, per function (thread): read what others committed, commit what we wrote.
+    def events(fn):
+        return [(op, vol, files) for op, vol, thread, files in volumes["log"] if thread == fn]
+
+    ensure = events("ensure_dataset")
+    assert [e[:2] for e in ensure] == [("reload", "data"), ("commit", "data")]
+    assert not ensure[0][2] and any(f.endswith("manifest.json") for f in ensure[1][2])
+    for model in ("classifier", "dit"):
+        steps = events(f"train_{model}")
+        assert [e[:2] for e in steps[:2]] == [("reload", "data"), ("reload", "runs")]
+        assert not any(f.startswith(f"{prefix}/{model}/") for f in steps[1][2])
+        assert steps[-1][:2] == ("commit", "runs")
+        assert f"{prefix}/{model}/model.safetensors" in steps[-1][2]
+    evaluation = events("evaluate")
+    assert [e[:2] for e in evaluation[:2]] == [("reload", "data"), ("reload", "runs")]
+    assert f"{prefix}/dit/model.safetensors" in evaluation[1][2]
+    assert evaluation[-1][:2] == ("commit", "runs")
+    assert f"{prefix}/report/report.json" in evaluation[-1][2]
+
+    # Each call id is a table artifact of the flow run.
+    recorded = {
+        row["call_id"]
+        for artifact in _artifacts(state.state_details.flow_run_id)
+        if (artifact.key or "").startswith(backend.CALL_ARTIFACT_PREFIX)
+        for row in json.loads(artifact.data)
+    }
+    assert recorded == {c.object_id for c in double.calls}
+
+
+class _Terminated(Exception):
+    pass
+
+
+@flow(on_crashed=[backend.cancel_recorded_calls], on_cancellation=[backend.cancel_recorded_calls])
+def _one_remote_training(dataset: str, run_name: str) -> dict:
+    return backend.run_on_modal(
+        "train_dit",
+        poll_s=0.2,
+        dataset=dataset,
+        run_name=run_name,
+        preset="cpu-tiny",
+        overrides=json.dumps({"steps": 1_000_000, "ckpt_every_steps": 5}),
+    )
+
+
+def test_sigterm_while_waiting_cancels_the_modal_call(
+    volumes, monkeypatch, oxford_mini_species_ref
+):
+    double = ModalDouble(volumes["env"], in_process=False)
+    monkeypatch.setattr(backend, "lookup", double.resolve)
+    monkeypatch.setattr(backend, "call_from_id", double.from_id)
+    run_dir = volumes["runs"] / "cancel" / "dit"
+
+    def terminate_once_training_checkpoints():
+        deadline = time.monotonic() + 120
+        while not list(run_dir.glob("checkpoints/*")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGTERM)  # what a worker sends to cancel a flow run
+
+    def backstop(*_):  # only if Prefect had not installed its own SIGTERM handler
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, backstop)
+    killer = threading.Thread(target=terminate_once_training_checkpoints, daemon=True)
+    killer.start()
+    try:
+        state = _one_remote_training(
+            oxford_mini_species_ref.model_dump_json(), "cancel/dit", return_state=True
+        )
+    finally:
+        killer.join()
+        signal.signal(signal.SIGTERM, previous)
+    assert state.is_crashed() or state.is_cancelled(), state
+    (call,) = double.calls
+    assert call.cancelled and not call.process.is_alive()
+    assert list(run_dir.glob("checkpoints/*")), "the call was stopped before it started training"
+    assert not (run_dir / "model.safetensors").exists()
+    artifact_ids = [
+        row["call_id"]
+        for a in _artifacts(state.state_details.flow_run_id)
+        for row in json.loads(a.data)
+    ]
+    assert artifact_ids == [call.object_id]
+
+
+def test_modal_backend_without_credentials_fails_before_any_work(monkeypatch, tmp_path):
+    monkeypatch.delenv("MODAL_TOKEN_ID", raising=False)
+    monkeypatch.delenv("MODAL_TOKEN_SECRET", raising=False)
+    monkeypatch.setenv("MODAL_CONFIG_PATH", str(tmp_path / "absent.toml"))
+    monkeypatch.setattr(backend, "lookup", lambda *a: pytest.fail("Modal was contacted"))
+    state = train_cats(compute={"backend": "modal"}, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(backend.ModalUnavailableError, match=r"MODAL_TOKEN_ID.*modal token new"):
+        state.result()
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(state.state_details.flow_run_id)
+        tasks = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id]))
+        )
+    assert tasks == []

@@ -1,0 +1,148 @@
+"""The container check: the Modal image carries every file the remote functions need.
+
+The file set is computed from the image definition itself (the same objects ``modal deploy``
+uploads), copied alone into a temporary folder that stands for the container's ``/root``, and the
+remote functions' modules are imported and ``data/download.py --help`` is run there, by a Python that
+cannot see the repository. A file missing from the image fails here, not on a GPU at 3 a.m.
+"""
+
+from __future__ import annotations
+
+import shutil
+import site
+import subprocess
+import sys
+import warnings
+from importlib.metadata import version
+from pathlib import Path, PurePosixPath
+
+import modal
+import modal.mount
+import pytest
+from modal._utils.async_utils import synchronizer
+
+from tasks import modal_app
+
+REPO = Path(__file__).resolve().parents[1]
+CONTAINER_ROOT = PurePosixPath("/root")
+# The walk below uses Modal internals; they are checked against this exact client version.
+MODAL_VERSION = "1.6.4"
+
+
+def remote_functions() -> dict[str, modal.Function]:
+    return {
+        name: value for name, value in vars(modal_app).items() if isinstance(value, modal.Function)
+    }
+
+
+def _mounts(*objects) -> list:
+    """Every Mount reachable from the given (synchronised) Modal objects."""
+    stack = [synchronizer._translate_in(o) for o in objects]
+    seen, mounts = set(), []
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, modal.mount._Mount):
+            mounts.append(obj)
+        if getattr(obj, "_deps", None):
+            stack.extend(obj._deps())
+    return mounts
+
+
+def container_files() -> dict[PurePosixPath, Path]:
+    """Container path -> local file, for the image and every function's own mounts."""
+    functions = remote_functions().values()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        extra = [m for f in functions for m in synchronizer._translate_in(f)._spec_.mounts]
+    mounts = _mounts(modal_app.image, *extra)
+    files = {}
+    for mount in mounts:
+        for entry in mount._entries or []:  # None: a mount defined remotely, not from local files
+            for local, remote in entry.get_files_to_upload():
+                files[PurePosixPath(remote)] = Path(local)
+    if not files:
+        pytest.fail("walking the Modal image found no mounted files: Modal's internals changed")
+    return files
+
+
+@pytest.fixture(scope="module")
+def container(tmp_path_factory) -> Path:
+    """A folder holding exactly the image's files, laid out as under the container's /root."""
+    root = tmp_path_factory.mktemp("container") / "root"
+    for remote, local in container_files().items():
+        target = root / remote.relative_to(CONTAINER_ROOT)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(local, target)
+    return root
+
+
+def _run(args: list[str], cwd: Path, pythonpath: list[Path]) -> subprocess.CompletedProcess:
+    # -S: no site processing, so the editable install's finder (which would quietly import the
+    # repository's copy of any missing module) is not installed; third-party wheels still come
+    # from site-packages via PYTHONPATH.
+    env = {"PYTHONPATH": ":".join(map(str, pythonpath)), "PATH": "/usr/bin:/bin", "HOME": str(cwd)}
+    return subprocess.run(
+        [sys.executable, "-S", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_modal_client_is_the_version_the_walk_was_written_for():
+    assert modal.__version__ == MODAL_VERSION, (
+        f"tests/test_modal_image.py walks Modal internals checked on modal {MODAL_VERSION}; "
+        f"re-check the walk against modal {modal.__version__} and update MODAL_VERSION"
+    )
+
+
+def test_image_carries_the_shared_package_list_and_data_files():
+    files = container_files()
+    for package in modal_app.PYTHON_SOURCES:
+        assert CONTAINER_ROOT / package / "__init__.py" in files, f"{package} missing from image"
+    for _, remote in modal_app.DATA_FILES:
+        assert PurePosixPath(remote) in files
+    # add_local_python_source carries *.py only: a non-Python file must come via DATA_FILES.
+    assert all(p.suffix == ".py" for p, _ in files.items() if p not in dict(modal_app.DATA_FILES))
+
+
+def test_pinned_wheels_match_the_tested_versions():
+    for requirement in modal_app.PIP_PACKAGES:
+        name, pinned = requirement.split("==")
+        assert version(name) == pinned, f"image pins {requirement}, tests run {version(name)}"
+
+
+def test_remote_modules_import_from_the_image_alone(container):
+    modules = sorted(
+        {synchronizer._translate_in(f)._raw_f.__module__ for f in remote_functions().values()}
+    )
+    assert "tasks.modal_app" in modules
+    script = (
+        "import importlib, sys\n"
+        f"for name in {modules!r}: importlib.import_module(name)\n"
+        "ours = [m for m in sys.modules.values() if getattr(m, '__file__', None)"
+        f" and m.__name__.split('.')[0] in {list(modal_app.PYTHON_SOURCES)!r}]\n"
+        "outside = [m.__file__ for m in ours if not m.__file__.startswith(sys.argv[1])]\n"
+        "assert not outside, outside\n"
+        "print(len(ours), 'project modules imported')\n"
+    )
+    result = _run(["-c", script, str(container)], container, [container, *site.getsitepackages()])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "project modules imported" in result.stdout
+
+
+def test_download_script_runs_from_the_image_alone(container):
+    result = _run(["data/download.py", "--help"], container, site.getsitepackages())
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--source" in result.stdout
+
+
+def test_a_file_missing_from_the_image_fails_the_check(container, tmp_path):
+    broken = tmp_path / "root"
+    shutil.copytree(container, broken)
+    (broken / "data" / "download.py").unlink()
+    result = _run(["data/download.py", "--help"], broken, site.getsitepackages())
+    assert result.returncode != 0
+    result = _run(["-c", "import tasks.modal_app"], broken, [broken, *site.getsitepackages()])
+    assert result.returncode != 0
+    assert "data.download" in result.stderr or "download" in result.stderr
