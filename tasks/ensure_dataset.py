@@ -13,7 +13,7 @@ retry_delay_seconds=exponential_backoff(...))` (the tests shrink the delays that
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prefect import get_run_logger, task
 from prefect.tasks import exponential_backoff
@@ -21,6 +21,8 @@ from prefect.tasks import exponential_backoff
 from data.dataset import DatasetRef, DatasetSpec
 from data.download import ensure
 from data.errors import TransientError
+from tasks.backend import run_on_modal
+from tasks.monitoring import publish_dataset_summary
 
 RETRIES = 4
 # Delays of about 10, 20, 40 and 80 s: long enough for a restarting server or a flaky link.
@@ -47,12 +49,23 @@ def is_transient(task: Any, task_run: Any, state: Any) -> bool:
     retry_jitter_factor=RETRY_JITTER_FACTOR,
     retry_condition_fn=is_transient,
 )
-def ensure_dataset(spec: DatasetSpec, data_dir: str | Path | None = None) -> DatasetRef:
+def ensure_dataset(
+    spec: DatasetSpec,
+    data_dir: str | Path | None = None,
+    backend: Literal["local", "modal"] = "local",
+) -> DatasetRef:
     """Return the DatasetRef (small, JSON-able; never image data) of `spec`'s published version.
 
     `data_dir` defaults to `$TRAIN_CATS_DATA_DIR`, else `./artifacts/data`. Raises the errors of
-    `data.download.ensure`; only `TransientError`s are retried.
+    `data.download.ensure`; only `TransientError`s are retried. With `backend="modal"` the same
+    code runs in the deployed Modal function and publishes on the `train-cats-data` volume
+    (`data_dir` is then the volume's `/data`); Modal re-raises its errors here, so the same
+    retry policy applies.
     """
-    ref = ensure(spec, data_dir)
+    if backend == "modal":
+        ref = DatasetRef.model_validate(run_on_modal("ensure_dataset", spec=spec.model_dump_json()))
+    else:
+        ref = ensure(spec, data_dir)
+    publish_dataset_summary(ref)
     get_run_logger().info("data set %s at %s: %s", ref.version, ref.root, ref.counts)
     return ref
