@@ -47,7 +47,7 @@ LABELS_NAME = "labels.npy"
 SPLIT_NAME = "split.npy"
 SPLIT_IDS = {"train": 0, "val": 1}
 
-_CHECKSUM_RE = re.compile(r"^(?P<algo>md5|sha1|sha256|sha512):(?P<hex>[0-9a-fA-F]+)$")
+_CHECKSUM_RE = re.compile(r"^(?P<algo>md5|sha1|sha256|sha512):(?P<hex>[0-9a-f]+)$", re.IGNORECASE)
 _DIGEST_HEX_LEN = {"md5": 32, "sha1": 40, "sha256": 64, "sha512": 128}
 # Archive stems too generic to name a version on their own ("images.tar.gz").
 _GENERIC_STEMS = {"images", "data", "archive", "download", "dataset", "files"}
@@ -142,7 +142,7 @@ class DatasetSpec(BaseModel):
                 f"checksum {value!r} is not ALGO:HEX with ALGO one of md5, sha1, sha256, sha512 "
                 "(e.g. md5:5c4f3ee8e5d25df40f4fd59a7f44e54c)"
             )
-        algo, hexdigest = match["algo"], match["hex"].lower()
+        algo, hexdigest = match["algo"].lower(), match["hex"].lower()
         if len(hexdigest) != _DIGEST_HEX_LEN[algo]:
             raise ValueError(
                 f"a {algo} digest has {_DIGEST_HEX_LEN[algo]} hex digits, {value!r} has {len(hexdigest)}"

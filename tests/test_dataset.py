@@ -1,0 +1,159 @@
+"""DatasetSpec validation and version ids, the reading side (load_ref, open_split), and exact
+counts on the real oxford-pets-mini archive."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import OXFORD_MINI
+from pydantic import ValidationError
+
+from data.dataset import (
+    KNOWN_CHECKSUMS,
+    OFFICIAL_OXFORD_URL,
+    DatasetRef,
+    DatasetSpec,
+    load_ref,
+    open_split,
+    read_manifest,
+    verify_files,
+)
+from data.download import ensure
+from data.errors import PermanentError
+
+CAT_BREEDS = [
+    "Abyssinian",
+    "Bengal",
+    "Birman",
+    "Bombay",
+    "British_Shorthair",
+    "Egyptian_Mau",
+    "Maine_Coon",
+    "Persian",
+    "Ragdoll",
+    "Russian_Blue",
+    "Siamese",
+    "Sphynx",
+]
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"checksum": "md5:1234"}, "32 hex digits"),
+        ({"checksum": "crc32:deadbeef"}, "ALGO:HEX"),
+        ({"source": "ftp://example.org/x.zip"}, "unsupported source scheme"),
+        ({"labels": "species", "max_other": 0}, "needs the 'other' class"),
+        ({"image_sizes": []}, "at least 1"),
+        ({"image_sizes": [4]}, "greater than or equal to 8"),
+        ({"val_fraction": 0.0}, "greater than 0"),
+        ({"max_other": -1}, "greater than or equal to 0"),
+        ({"labels": "dog"}, "'breed' or 'species'"),
+    ],
+)
+def test_bad_specs_are_rejected_with_the_field_named(fields, message):
+    with pytest.raises(ValidationError, match=message):
+        DatasetSpec(**fields)
+
+
+def test_official_source_has_its_checksum_built_in():
+    spec = DatasetSpec()
+    assert spec.source == OFFICIAL_OXFORD_URL
+    assert spec.expected_checksum == KNOWN_CHECKSUMS[OFFICIAL_OXFORD_URL]
+    assert spec.version_id().startswith("oxford-pets-breed-")
+    assert DatasetSpec(checksum="SHA256:" + "A" * 64).checksum == "sha256:" + "a" * 64
+
+
+def test_version_id_covers_every_field_that_changes_the_output(tmp_path):
+    base = DatasetSpec(source=str(tmp_path / "a.zip"), image_sizes=[32, 64])
+    assert (
+        base.version_id()
+        == DatasetSpec(source=str(tmp_path / "a.zip"), image_sizes=[64, 32, 64]).version_id()
+    )
+    assert (
+        base.version_id()
+        == DatasetSpec(source=(tmp_path / "a.zip").as_uri(), image_sizes=[32, 64]).version_id()
+    )
+    variants = [
+        {"source": str(tmp_path / "b.zip")},
+        {"checksum": "md5:" + "1" * 32},
+        {"labels": "species"},
+        {"image_sizes": [32]},
+        {"max_other": 10},
+        {"val_fraction": 0.2},
+        {"seed": 1},
+    ]
+    ids = {base.model_copy(update=v).version_id() for v in variants} | {base.version_id()}
+    assert len(ids) == len(variants) + 1
+
+
+def test_oxford_mini_breed_counts_are_exact(tmp_path):
+    ref = ensure(DatasetSpec(source=str(OXFORD_MINI), image_sizes=[16]), tmp_path, workers=2)
+    assert ref.label_mode == "breed"
+    assert ref.classes == [*CAT_BREEDS, "other"]
+    assert ref.counts == {**dict.fromkeys(CAT_BREEDS, 10), "other": 250}
+    manifest = read_manifest(Path(ref.root))
+    assert manifest.layout == "oxford-pets"
+    assert manifest.other_available == 250
+    assert manifest.skipped == []
+    assert (
+        manifest.archive.sha256
+        == "5e323a073ce0e71fda305108a81efefa0abf20074e647cb6143273b4221b4229"
+    )
+    # Stratified: round(10 * 0.1) = 1 validation image per breed, 25 of the 250 others.
+    assert manifest.split_counts["val"] == {**dict.fromkeys(CAT_BREEDS, 1), "other": 25}
+    assert verify_files(Path(ref.root)) == []
+
+
+def test_oxford_mini_other_cap_is_a_seeded_subset(tmp_path):
+    spec = DatasetSpec(source=str(OXFORD_MINI), image_sizes=[8], max_other=40, seed=3)
+    first = ensure(spec, tmp_path / "a", workers=2)
+    second = ensure(spec, tmp_path / "b", workers=1)
+    assert first.counts["other"] == 40 and sum(first.counts.values()) == 160
+    assert read_manifest(Path(first.root)).other_available == 250
+    # Same spec, separate builds (and worker counts): byte-identical content.
+    assert (
+        read_manifest(Path(first.root)).content_hash
+        == read_manifest(Path(second.root)).content_hash
+    )
+    no_other = ensure(spec.model_copy(update={"max_other": 0}), tmp_path / "a", workers=2)
+    assert no_other.classes == CAT_BREEDS and sum(no_other.counts.values()) == 120
+
+
+def test_species_fixture_and_open_split(oxford_mini_species_ref):
+    ref = oxford_mini_species_ref
+    assert (ref.classes, ref.counts) == (["cat", "other"], {"cat": 120, "other": 250})
+    assert sorted(ref.caches) == [32, 64]
+    train, val = open_split(ref, 64, "train"), open_split(ref, 64, "val")
+    assert train.images.shape == (370, 64, 64, 3) and train.images.dtype == np.uint8
+    assert isinstance(train.images, np.memmap)  # memory-mapped, not loaded
+    assert train.labels.dtype == np.int64 and train.indices.dtype == np.int64
+    assert (len(train), len(val)) == (333, 37)
+    assert not set(train.indices) & set(val.indices)
+    assert np.bincount(train.labels[val.indices]).tolist() == [12, 25]
+    image, label = val[0]
+    assert image.shape == (64, 64, 3) and label in (0, 1)
+    assert 20 < image.mean() < 235  # a photo, not a blank frame
+    small = open_split(ref, 32, "val")
+    assert np.array_equal(small.indices, val.indices)
+
+
+def test_load_ref_accepts_every_documented_form(oxford_mini_species_ref, tmp_path):
+    ref = oxford_mini_species_ref
+    root = Path(ref.root)
+    assert load_ref(ref) is ref
+    assert load_ref(ref.model_dump_json()) == ref
+    assert load_ref(root) == ref
+    assert load_ref(str(root / "reference.json")) == ref
+    assert load_ref(root / "manifest.json") == ref
+    assert json.loads((root / "reference.json").read_text()) == json.loads(ref.model_dump_json())
+    assert DatasetRef.model_validate_json(ref.model_dump_json()).caches[64] == "images_64.npy"
+    with pytest.raises(PermanentError, match="not a published data set version"):
+        load_ref(tmp_path)
+    with pytest.raises(ValueError, match=r"no cache at 48 px .*\[32, 64\]"):
+        open_split(ref, 48, "train")
+    with pytest.raises(ValueError, match="'train' or 'val'"):
+        open_split(ref, 32, "test")

@@ -1,0 +1,62 @@
+"""The `ensure_dataset` retry policy, through real Prefect flow runs (ephemeral server) against
+a real HTTP server on 127.0.0.1: transient failures are retried, permanent ones are not."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from archive_factory import oxford_members, write_tar
+from prefect import flow
+from prefect.tasks import exponential_backoff
+
+from data.dataset import DatasetRef, DatasetSpec
+from tasks.ensure_dataset import RETRIES, ensure_dataset
+
+# The production policy with millisecond delays, so that the test does not sleep.
+fast_ensure = ensure_dataset.with_options(
+    retry_delay_seconds=exponential_backoff(backoff_factor=0.01)
+)
+
+
+@flow(name="ensure-dataset-policy-test")
+def ensure_flow(spec: DatasetSpec, data_dir: str) -> DatasetRef:
+    return fast_ensure(spec, data_dir)
+
+
+@pytest.fixture
+def served(http_server, tmp_path: Path) -> str:
+    write_tar(
+        tmp_path / "www" / "images.tar.gz", oxford_members({"Bengal": 3, "Sphynx": 3}, {"pug": 2})
+    )
+    return http_server.url("images.tar.gz")
+
+
+def test_policy_keeps_the_production_settings():
+    assert fast_ensure.retries == ensure_dataset.retries == RETRIES > 2
+    assert fast_ensure.retry_jitter_factor == ensure_dataset.retry_jitter_factor > 0
+    assert ensure_dataset.retry_delay_seconds[:3] == [10.0, 20.0, 40.0]  # exponential
+
+
+def test_two_503s_then_success_completes(http_server, served, tmp_path):
+    http_server.fail("images.tar.gz", 503, times=2)
+    spec = DatasetSpec(source=served, image_sizes=[8])
+    state = ensure_flow(spec, str(tmp_path / "data"), return_state=True)
+    assert state.is_completed(), state
+    ref = state.result()
+    assert isinstance(ref, DatasetRef) and ref.counts == {"Bengal": 3, "Sphynx": 3, "other": 2}
+    assert [r.status for r in http_server.requests] == [503, 503, 200]
+
+
+@pytest.mark.parametrize("fault", ["404", "checksum"])
+def test_permanent_errors_fail_after_one_request(http_server, served, tmp_path, fault):
+    checksum = None
+    if fault == "404":
+        http_server.fail("images.tar.gz", 404, times=None)
+    else:
+        checksum = "sha256:" + "0" * 64
+    spec = DatasetSpec(source=served, checksum=checksum, image_sizes=[8])
+    state = ensure_flow(spec, str(tmp_path / "data"), return_state=True)
+    assert state.is_failed()
+    assert http_server.count("images.tar.gz") == 1
+    assert not (tmp_path / "data" / spec.version_id()).exists()
