@@ -260,6 +260,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _option_error(error: dict) -> str:
+    """A pydantic error as '--option: message' (image_sizes is --image-size on the command line)."""
+    if not error["loc"]:
+        return error["msg"]
+    field = str(error["loc"][0])
+    return (
+        f"--{'image-size' if field == 'image_sizes' else field.replace('_', '-')}: {error['msg']}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -281,12 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = DatasetSpec(**options)
     except ValidationError as exc:
-        parser.error(
-            "; ".join(
-                f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}"
-                for e in exc.errors()
-            )
-        )
+        parser.error("; ".join(_option_error(error) for error in exc.errors()))
     if args.workers is not None and args.workers < 1:
         parser.error("--workers must be at least 1")
     try:

@@ -215,17 +215,18 @@ def _digests(path: Path, expected: str | None) -> dict[str, str]:
 
 def _verified(path: Path, expected: str | None, digests: dict[str, str]) -> Archive:
     size = path.stat().st_size
+    name = path.name.removesuffix(".part")
     if expected is None:
-        log.info("no checksum known for %s; recording its sha256 %s", path.name, digests["sha256"])
+        log.info("no checksum known for %s; recording its sha256 %s", name, digests["sha256"])
         return Archive(path, size, digests["sha256"], f"sha256:{digests['sha256']}", False)
     algo, want = expected.split(":", 1)
     if algo not in digests:
         digests = _digests(path, expected)
     if digests[algo] != want:
         raise ChecksumMismatchError(
-            f"checksum mismatch for {path.name} ({size} bytes): expected {algo}:{want}, "
+            f"checksum mismatch for {name} ({size} bytes): expected {algo}:{want}, "
             f"got {algo}:{digests[algo]}. The source changed or is corrupt; fix --source or "
             "pass the right --checksum"
         )
-    log.info("checksum ok: %s %s:%s", path.name, algo, want)
+    log.info("checksum ok: %s %s:%s", name, algo, want)
     return Archive(path, size, digests["sha256"], expected, True)
