@@ -74,7 +74,8 @@ def main() -> None:
         warm_s = time.perf_counter() - started
 
         cli = [sys.executable, str(REPO / "data" / "download.py"), "--source", url]
-        cli += ["--checksum", checksum, "--labels", args.labels, "--image-size", str(args.image_size)]
+        cli += ["--checksum", checksum, "--labels", args.labels]
+        cli += ["--image-size", str(args.image_size)]
         started = time.perf_counter()
         subprocess.run([*cli, "--data-dir", tmp], check=True, capture_output=True)
         warm_cli_s = time.perf_counter() - started
