@@ -98,7 +98,7 @@ class DatasetSpec(BaseModel):
         ),
     )
     image_sizes: list[Annotated[int, Field(ge=8, le=1024)]] = Field(
-        default_factory=lambda: [64],
+        [64],
         min_length=1,
         max_length=8,
         description="Side in pixels of each packed square cache (images_<size>.npy), 8-1024.",

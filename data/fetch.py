@@ -78,9 +78,8 @@ def fetch(
 
 def _fetch_http(spec: DatasetSpec, downloads_dir: Path, timeout: tuple[float, float]) -> Archive:
     url = spec.source
-    name = Path(unquote(urlparse(url).path)).name or "archive"
-    folder = downloads_dir / f"{spec.slug()}-{hashlib.sha1(url.encode()).hexdigest()[:10]}"
-    final, part, sidecar = folder / name, folder / f"{name}.part", folder / f"{name}.json"
+    final, part, sidecar = download_paths(spec, downloads_dir)
+    folder = final.parent
     expected = spec.expected_checksum
     cached = _cached_digests(final, sidecar, url)
     if cached is not None:
@@ -99,6 +98,14 @@ def _fetch_http(spec: DatasetSpec, downloads_dir: Path, timeout: tuple[float, fl
     return Archive(
         final, archive.bytes, archive.sha256, archive.checksum, archive.checksum_verified
     )
+
+
+def download_paths(spec: DatasetSpec, downloads_dir: Path) -> tuple[Path, Path, Path]:
+    """(verified archive, partial download, digest sidecar) paths for an http(s) source."""
+    url = spec.source
+    name = Path(unquote(urlparse(url).path)).name or "archive"
+    folder = downloads_dir / f"{spec.slug()}-{hashlib.sha1(url.encode()).hexdigest()[:10]}"
+    return folder / name, folder / f"{name}.part", folder / f"{name}.json"
 
 
 def _cached_digests(final: Path, sidecar: Path, url: str) -> dict[str, str] | None:
@@ -151,7 +158,10 @@ def _stream_once(
     headers = {"Range": f"bytes={offset}-"} if offset else {}
     with requests.get(url, headers=headers, stream=True, timeout=timeout) as response:
         if response.status_code == 416 and offset:
-            # Nothing past our offset: the partial file is unusable. Dropping it is progress.
+            # Nothing past our offset. If that is the whole file (a crash between the last byte
+            # and the rename), it is complete; otherwise the partial file is unusable.
+            if response.headers.get("Content-Range") == f"bytes */{offset}":
+                return 0, True, None
             log.warning("server rejected Range bytes=%d- for %s; restarting", offset, url)
             part.unlink()
             return offset, False, None

@@ -55,6 +55,9 @@ class FileServer:
     def __init__(self, root: Path | None = None) -> None:
         self.root = Path(root) if root is not None else None
         self.requests: list[Request] = []
+        # False makes GET ignore Range and answer 200 with the whole file, as some servers do
+        # (Python's own http.server among them).
+        self.ranges = True
         self._files: dict[str, Path] = {}
         self._faults: dict[str, list[_Fault]] = {}
         self._lock = threading.Lock()
@@ -173,7 +176,7 @@ def _handler_for(server: FileServer) -> type[BaseHTTPRequestHandler]:
             size = file.stat().st_size
             start, end, status = 0, size - 1, 200
             match = _RANGE.match(self.headers.get("Range", ""))
-            if match:
+            if match and server.ranges:
                 start = int(match[1])
                 end = min(int(match[2]), size - 1) if match[2] else size - 1
                 if start >= size or start > end:

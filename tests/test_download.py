@@ -30,7 +30,7 @@ from data.errors import (
     TransientError,
     TruncatedDownloadError,
 )
-from data.fetch import fetch
+from data.fetch import download_paths, fetch
 
 REPO = Path(__file__).resolve().parents[1]
 CATS = {"Abyssinian": 4, "British_Shorthair": 4}
@@ -82,6 +82,24 @@ def test_resumes_a_dropped_download_with_range(http_server, oxford_tar, tmp_path
     assert manifest.archive.checksum_verified
     assert f"sha256:{manifest.archive.sha256}" == sha256(oxford_tar)
     assert sum(ref.counts.values()) == 14
+
+
+def test_a_server_ignoring_range_restarts_from_zero(http_server, oxford_tar, tmp_path):
+    http_server.ranges = False
+    http_server.drop("images.tar.gz", after=5000)
+    spec = DatasetSpec(source=http_server.url("images.tar.gz"), checksum=sha256(oxford_tar))
+    ensure(spec, tmp_path / "data", workers=1)
+    assert [r.status for r in http_server.requests] == [200, 200]
+    assert http_server.requests[1].headers["Range"] == "bytes=5000-"
+
+
+def test_a_complete_partial_file_is_finished_without_a_body(http_server, oxford_tar, tmp_path):
+    spec = DatasetSpec(source=http_server.url("images.tar.gz"), checksum=sha256(oxford_tar))
+    _, part, _ = download_paths(spec, tmp_path / "data" / ".downloads")
+    part.parent.mkdir(parents=True)
+    part.write_bytes(oxford_tar.read_bytes())  # as if killed between the last byte and the rename
+    ensure(spec, tmp_path / "data", workers=1)
+    assert [r.status for r in http_server.requests] == [416]
 
 
 def test_a_body_that_never_arrives_is_a_transient_truncation(http_server, oxford_tar, tmp_path):
