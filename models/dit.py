@@ -153,7 +153,9 @@ class Attention(nn.Module):
         B, T, D = x.shape
         qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, H, T, D/H)
-        x = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
+        # Under autocast LayerNorm returns float32 while v is bf16/fp16; SDPA needs one dtype.
+        q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
+        x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(B, T, D))
 
 

@@ -106,7 +106,8 @@ def flow_matching_loss(
         x0: (B, C, H, W) float data, scaled to about [-1, 1].
         y: (B,) int64 class labels.
         schedule: time schedule, see ``sample_time``.
-        generator: optional torch.Generator (on any device; draws move to ``x0.device``).
+        generator: optional torch.Generator on any device; draws happen on its device and move
+            to ``x0.device`` (a generator on the data's device avoids that copy).
         loc, scale: logit-normal parameters.
 
     Returns:
@@ -145,10 +146,11 @@ def sample(
 ) -> torch.Tensor:
     """Integrate the learned ODE dx/dt = v(x, t) from t = 1 (noise) to t = 0 (data).
 
-    Uses ``steps`` uniform steps of size 1/steps. Euler: one model call per step. Heun (Karras et
-    al. 2022 Alg. 1, without its churn): an Euler predictor, then the trapezoid corrector, two
-    model calls per step, second-order accurate. The model is put in ``eval()`` mode for the
-    call (so no label dropout) and restored afterwards.
+    Uses ``steps`` uniform steps of size 1/steps. Euler: one model call per step, first-order
+    accurate. Heun (Karras et al. 2022 Alg. 1, the deterministic sampler): an Euler predictor,
+    then the trapezoid corrector, two model calls per step, second-order accurate; unlike Alg. 1
+    the corrector also runs on the last step, because a velocity is well defined at t = 0.
+    The model is put in ``eval()`` mode for the call (so no label dropout) and restored after.
 
     Args:
         model: velocity model ``model(x, t, y)``; for ``cfg_scale != 1`` it must also have

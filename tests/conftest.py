@@ -59,3 +59,16 @@ def http_server(tmp_path: Path):
     (tmp_path / "www").mkdir()
     with FileServer(tmp_path / "www") as server:
         yield server
+
+
+@pytest.fixture
+def single_thread():
+    """Run a test with one intra-op torch thread, restoring the count after. For tiny models one
+    thread is as fast as two, and it avoids the 10-25x slow-down that OpenMP's spinning barriers
+    suffer when the two cores are shared with other processes."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

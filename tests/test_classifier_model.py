@@ -3,11 +3,8 @@ against real files in a temporary TORCH_HOME and real HTTP servers on 127.0.0.1.
 
 from __future__ import annotations
 
-import functools
 import socket
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -26,7 +23,7 @@ from models.classifier import (
     weights_url,
 )
 
-torch.set_num_threads(2)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.mark.parametrize("backbone", sorted(BACKBONES))
@@ -86,12 +83,6 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
-def _serve(handler) -> tuple[ThreadingHTTPServer, str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_address[1]}"
-
-
 def _random_state_dict(backbone: str) -> dict[str, torch.Tensor]:
     torch.manual_seed(123)
     return BACKBONES[backbone].build(weights=None).state_dict()
@@ -130,65 +121,54 @@ def test_offline_fails_fast_naming_the_host_and_the_way_out(torch_home, monkeypa
     assert not (torch_home / "hub" / "checkpoints" / "resnet18-f37072fd.pth").exists()
 
 
-def test_weights_are_downloaded_from_a_mirror_cached_and_loaded(torch_home, tmp_path, monkeypatch):
+MOBILENET_FILE = "mobilenet_v3_small-047dcff4.pth"
+
+
+@pytest.fixture
+def mirror(http_server, tmp_path, monkeypatch):
+    """The 127.0.0.1 file server as the weights mirror, serving a random MobileNetV3 state dict
+    under torchvision's file name."""
     state = _random_state_dict("mobilenet_v3_small")
-    mirror = tmp_path / "mirror" / "models"
-    mirror.mkdir(parents=True)
-    torch.save(state, mirror / "mobilenet_v3_small-047dcff4.pth")
-    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(mirror.parent))
-    server, base = _serve(handler)
-    try:
-        monkeypatch.setenv(WEIGHTS_URL_ENV, f"{base}/models/")
-        model = build_classifier("mobilenet_v3_small", 2, pretrained=True)
-    finally:
-        server.shutdown()
-        server.server_close()
+    torch.save(state, tmp_path / MOBILENET_FILE)
+    http_server.add(f"/models/{MOBILENET_FILE}", tmp_path / MOBILENET_FILE)
+    monkeypatch.setenv(WEIGHTS_URL_ENV, http_server.url("/models/"))
+    return http_server, state
+
+
+def test_weights_are_downloaded_from_a_mirror_cached_and_loaded(torch_home, mirror):
+    server, state = mirror
+    model = build_classifier("mobilenet_v3_small", 2, pretrained=True)
     assert torch.equal(model.backbone.features[0][0].weight, state["features.0.0.weight"])
     cache_dir = torch_home / "hub" / "checkpoints"
-    assert [p.name for p in cache_dir.iterdir()] == ["mobilenet_v3_small-047dcff4.pth"]
-    # The server is gone: a second build is served from the cache.
+    assert [p.name for p in cache_dir.iterdir()] == [MOBILENET_FILE]
+    # A second build is served from the cache: no new request.
     again = build_classifier("mobilenet_v3_small", 4, pretrained=True)
     assert torch.equal(again.backbone.features[0][0].weight, state["features.0.0.weight"])
+    assert server.count(f"/models/{MOBILENET_FILE}") == 1
 
 
-def test_missing_file_on_the_mirror_is_a_clear_error(torch_home, tmp_path, monkeypatch):
-    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
-    server, base = _serve(handler)
-    try:
-        monkeypatch.setenv(WEIGHTS_URL_ENV, base)
-        with pytest.raises(PretrainedWeightsUnavailable, match=r"404.*pretrained=False"):
-            build_classifier("resnet34", 3, pretrained=True)
-    finally:
-        server.shutdown()
-        server.server_close()
+def test_missing_file_on_the_mirror_is_a_clear_error(torch_home, mirror):
+    with pytest.raises(PretrainedWeightsUnavailable, match=r"404.*pretrained=False"):
+        build_classifier("resnet34", 3, pretrained=True)
 
 
-class _TruncatingHandler(BaseHTTPRequestHandler):
-    """Promises 1 MB, sends 1 KB, then hangs up: a dropped connection mid-download."""
-
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("Content-Length", str(1 << 20))
-        self.end_headers()
-        self.wfile.write(b"\0" * 1024)
-        self.wfile.flush()
-        self.close_connection = True
-
-    def log_message(self, *args):
-        pass
+def test_server_error_is_a_clear_error(torch_home, mirror):
+    server, _ = mirror
+    server.fail(f"/models/{MOBILENET_FILE}", 503)
+    with pytest.raises(PretrainedWeightsUnavailable, match=r"503.*pretrained=False"):
+        build_classifier("mobilenet_v3_small", 3, pretrained=True)
 
 
-def test_truncated_download_leaves_nothing_in_the_cache(torch_home, monkeypatch):
-    server, base = _serve(_TruncatingHandler)
-    try:
-        monkeypatch.setenv(WEIGHTS_URL_ENV, base)
-        with pytest.raises(PretrainedWeightsUnavailable, match="pretrained=False"):
-            build_classifier("resnet18", 3, pretrained=True)
-    finally:
-        server.shutdown()
-        server.server_close()
+def test_truncated_download_leaves_nothing_in_the_cache(torch_home, mirror):
+    server, state = mirror
+    server.drop(f"/models/{MOBILENET_FILE}", after=4096)
+    with pytest.raises(PretrainedWeightsUnavailable, match="pretrained=False"):
+        build_classifier("mobilenet_v3_small", 3, pretrained=True)
     cache_dir = torch_home / "hub" / "checkpoints"
-    assert not cache_dir.exists() or list(cache_dir.iterdir()) == []
+    assert list(cache_dir.iterdir()) == []  # no partial file, no leftover temp file
+    # The fault was one-off: the next attempt downloads the whole file.
+    model = build_classifier("mobilenet_v3_small", 3, pretrained=True)
+    assert torch.equal(model.backbone.features[0][0].weight, state["features.0.0.weight"])
 
 
 def test_corrupt_cached_file_is_a_clear_error(torch_home):

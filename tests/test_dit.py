@@ -7,7 +7,7 @@ import torch
 
 from models.dit import DIT_CONFIGS, DiT, dit_from_config, get_2d_sincos_pos_embed
 
-torch.set_num_threads(2)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _randomized(model: DiT, seed: int = 0) -> DiT:

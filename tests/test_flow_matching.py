@@ -15,7 +15,7 @@ from torch import nn
 from models.dit import dit_from_config
 from models.flow_matching import EMA, flow_matching_loss, interpolate, sample, sample_time
 
-torch.set_num_threads(2)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 class GaussianVelocity(nn.Module):
