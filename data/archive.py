@@ -16,6 +16,8 @@ their archive names, so a hostile name cannot escape the staging folder either w
 
 from __future__ import annotations
 
+import gzip
+import lzma
 import re
 import stat
 import tarfile
@@ -74,7 +76,14 @@ def iter_images(path: Path, skipped: list[Skip]) -> Iterator[tuple[str, bytes]]:
             yield from _iter_tar(path, skipped)
         else:
             raise InvalidArchiveError(f"{path.name} is neither a zip nor a tar archive")
-    except (zipfile.BadZipFile, tarfile.TarError, zlib.error, EOFError) as exc:
+    except (
+        zipfile.BadZipFile,
+        tarfile.TarError,
+        gzip.BadGzipFile,
+        lzma.LZMAError,
+        zlib.error,
+        EOFError,
+    ) as exc:
         raise InvalidArchiveError(f"{path.name} is corrupt: {exc}") from exc
 
 

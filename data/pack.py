@@ -20,12 +20,14 @@ import io
 import logging
 import multiprocessing
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from data.archive import OTHER, Labelling, Skip
 from data.dataset import LABELS_NAME, SPLIT_NAME, cache_name
@@ -113,7 +115,11 @@ def decode_all(
     seen: set[str] = set()
     with contextlib.ExitStack() as stack:
         handles = {s: stack.enter_context(open(p, "wb")) for s, p in decoded.scratch.items()}
+        bar = stack.enter_context(
+            tqdm(desc="decode", unit="img", file=sys.stderr, mininterval=1.0, smoothing=0.1)
+        )
         for name, arrays, error in _decoded_stream(members, tuple(sizes), workers):
+            bar.update()
             if arrays is None:
                 decoded.skipped.append(Skip(name, "undecodable", error))
                 continue

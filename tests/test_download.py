@@ -190,6 +190,15 @@ def test_unsafe_members_reject_the_archive(tmp_path, kind):
     assert not (tmp_path / "evil.jpg").exists()
 
 
+def test_a_cut_off_compressed_archive_is_invalid(oxford_tar, tmp_path):
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(oxford_tar.read_bytes()[: oxford_tar.stat().st_size // 2])
+    data_dir = tmp_path / "data"
+    with pytest.raises(InvalidArchiveError, match="corrupt"):
+        ensure(DatasetSpec(source=str(cut)), data_dir, workers=1)
+    assert published(data_dir) == []
+
+
 def test_not_an_archive_is_invalid(tmp_path):
     bogus = tmp_path / "images.tar.gz"
     bogus.write_bytes(b"<html>login page</html>")
