@@ -290,6 +290,22 @@ def test_ema_state_dict_round_trip_and_copy_to():
     assert torch.equal(target[0].weight, ema.shadow[0].weight)
 
 
+def test_ema_of_a_compiled_model_has_plain_keys():
+    # torch.compile is lazy: wrapping costs nothing until the first call, and none is made here.
+    model = dit_from_config("DiT-Nano/4", input_size=16, num_classes=2)
+    compiled = torch.compile(model)
+    ema = EMA(compiled, decay=0.9)
+    with torch.no_grad():
+        model.final_layer.linear.bias.fill_(1.0)
+    ema.update(compiled)
+    keys = list(ema.state_dict()["shadow"])
+    assert keys == list(model.state_dict()) and not any("_orig_mod" in k for k in keys)
+    assert ema.shadow.final_layer.linear.bias[0].item() == pytest.approx(0.9)
+    target = dit_from_config("DiT-Nano/4", input_size=16, num_classes=2)
+    ema.copy_to(torch.compile(target))
+    assert torch.equal(target.final_layer.linear.bias, ema.shadow.final_layer.linear.bias)
+
+
 def test_ema_rejects_bad_decay():
     with pytest.raises(ValueError, match=r"decay=1\.0"):
         EMA(nn.Linear(1, 1), decay=1.0)
