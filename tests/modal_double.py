@@ -42,6 +42,9 @@ def _run_in_child(name: str, kwargs: dict, env: dict, results: Any) -> None:
     os.environ.update(env)
     from tasks import modal_app
 
+    # The child's volumes are the same folders; its commit/reload calls go nowhere.
+    modal_app.data_volume = RecordingVolume("data", Path(env["TRAIN_CATS_DATA_DIR"]), [])
+    modal_app.runs_volume = RecordingVolume("runs", Path(env["TRAIN_CATS_RUNS_DIR"]), [])
     try:
         results.put(("ok", getattr(modal_app, name).local(**kwargs)))
     except BaseException as exc:
