@@ -9,6 +9,7 @@ size) reuses the verified file with no network request.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+import filelock
 import requests
 import urllib3
 from tqdm import tqdm
@@ -79,25 +81,29 @@ def fetch(
 def _fetch_http(spec: DatasetSpec, downloads_dir: Path, timeout: tuple[float, float]) -> Archive:
     url = spec.source
     final, part, sidecar = download_paths(spec, downloads_dir)
-    folder = final.parent
-    expected = spec.expected_checksum
-    cached = _cached_digests(final, sidecar, url)
-    if cached is not None:
-        log.info("reusing the downloaded archive %s", final)
-        return _verified(final, expected, cached)
-    folder.mkdir(parents=True, exist_ok=True)
-    _download(url, part, timeout)
-    digests = _digests(part, expected)
-    try:
-        archive = _verified(part, expected, digests)
-    except ChecksumMismatchError:
-        part.unlink()  # a wrong body must not be resumed or reused
-        raise
-    part.replace(final)
-    sidecar.write_text(json.dumps({"url": url, "bytes": archive.bytes, "digests": digests}))
-    return Archive(
-        final, archive.bytes, archive.sha256, archive.checksum, archive.checksum_verified
-    )
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # Versions of one source are built under different locks, but share this download.
+    with filelock.FileLock(final.parent / f"{final.name}.lock"):
+        cached = _cached_digests(final, sidecar, url)
+        if cached is not None:
+            try:
+                archive = _verified(final, spec.expected_checksum, cached)
+                log.info("reusing the downloaded archive %s", final)
+                return archive
+            except ChecksumMismatchError:
+                log.warning("the kept copy of %s does not match; downloading it again", url)
+                sidecar.unlink()
+                final.unlink()
+        _download(url, part, timeout)
+        digests = _digests(part, spec.expected_checksum)
+        try:
+            archive = _verified(part, spec.expected_checksum, digests)
+        except ChecksumMismatchError:
+            part.unlink()  # a wrong body must not be resumed or reused
+            raise
+        part.replace(final)
+        sidecar.write_text(json.dumps({"url": url, "bytes": archive.bytes, "digests": digests}))
+        return dataclasses.replace(archive, path=final)
 
 
 def download_paths(spec: DatasetSpec, downloads_dir: Path) -> tuple[Path, Path, Path]:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -289,6 +290,25 @@ def test_a_different_spec_publishes_a_sibling_and_reuses_the_download(
     assert published(data_dir) == sorted([first.version, second.version, third.version])
     assert read_manifest(Path(first.root)) is not None  # untouched by its siblings
     assert http_server.count() == 1  # the verified archive was reused
+
+
+def test_two_specs_of_one_source_download_it_once(http_server, oxford_tar, tmp_path):
+    http_server.stall("images.tar.gz", seconds=1.0)
+    url = http_server.url("images.tar.gz")
+    specs = [DatasetSpec(source=url, image_sizes=[8]), DatasetSpec(source=url, labels="species")]
+    with ThreadPoolExecutor(2) as pool:
+        refs = list(pool.map(lambda spec: ensure(spec, tmp_path / "data", workers=1), specs))
+    assert refs[0].version != refs[1].version
+    assert http_server.count() == 1
+
+
+def test_a_kept_download_that_no_longer_matches_is_fetched_again(http_server, oxford_tar, tmp_path):
+    url = http_server.url("images.tar.gz")
+    ensure(DatasetSpec(source=url, image_sizes=[8]), tmp_path / "data", workers=1)
+    write_tar(oxford_tar, oxford_members(CATS, {"pug": 2}))  # the server's file changes
+    spec = DatasetSpec(source=url, checksum=sha256(oxford_tar), image_sizes=[8])
+    assert ensure(spec, tmp_path / "data", workers=1).counts["other"] == 2
+    assert http_server.count() == 2
 
 
 def test_a_folder_without_a_valid_manifest_is_rebuilt(oxford_tar, tmp_path):
