@@ -31,12 +31,13 @@ import logging
 import shutil
 import tempfile
 import time
+from collections import Counter
 from datetime import datetime, timezone
 
 import filelock
 from pydantic import ValidationError
 
-from data.archive import iter_images, label_members
+from data.archive import Labelling, Skip, iter_images, label_members
 from data.dataset import (
     DATA_DIR_ENV,
     LABELS_NAME,
@@ -55,8 +56,8 @@ from data.dataset import (
     sha256_file,
 )
 from data.errors import DatasetError, TransientError
-from data.fetch import fetch
-from data.pack import RESIZE_METHOD, decode_all, default_workers, pack
+from data.fetch import Archive, fetch
+from data.pack import RESIZE_METHOD, Packed, decode_all, default_workers, pack
 
 log = logging.getLogger("data.download")
 
@@ -124,7 +125,7 @@ def _build(spec: DatasetSpec, data_dir: Path, root: Path, workers: int) -> Datas
         started = time.perf_counter()
         archive = fetch(spec, data_dir / ".downloads")
         fetched = time.perf_counter()
-        skipped = []
+        skipped: list[Skip] = []
         decoded = decode_all(iter_images(archive.path, skipped), spec.image_sizes, staging, workers)
         skipped += decoded.skipped
         decoded_at = time.perf_counter()
@@ -139,42 +140,7 @@ def _build(spec: DatasetSpec, data_dir: Path, root: Path, workers: int) -> Datas
             val_fraction=spec.val_fraction,
             seed=spec.seed,
         )
-        files = {
-            name: FileInfo(
-                bytes=(staging / name).stat().st_size, sha256=sha256_file(staging / name)
-            )
-            for name in [LABELS_NAME, SPLIT_NAME, *packed.caches.values()]
-        }
-        listing = "".join(f"{name} {files[name].sha256}\n" for name in sorted(files))
-        skipped_counts: dict[str, int] = {}
-        for skip in skipped:
-            skipped_counts[skip.reason] = skipped_counts.get(skip.reason, 0) + 1
-        manifest = Manifest(
-            tool_version=TOOL_VERSION,
-            version=version,
-            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            spec=spec,
-            source=spec.source,
-            archive=ArchiveInfo(
-                name=archive.path.name,
-                bytes=archive.bytes,
-                sha256=archive.sha256,
-                checksum=archive.checksum,
-                checksum_verified=archive.checksum_verified,
-            ),
-            layout=labelling.layout,
-            label_mode=labelling.label_mode,
-            classes=packed.classes,
-            counts=packed.counts,
-            split_counts=packed.split_counts,
-            other_available=packed.other_available,
-            skipped=[skip.as_dict() for skip in skipped],
-            skipped_counts=skipped_counts,
-            resize=RESIZE_METHOD,
-            caches=packed.caches,
-            files=files,
-            content_hash=hashlib.sha256(listing.encode()).hexdigest(),
-        )
+        manifest = _describe(spec, version, archive, labelling, packed, skipped, staging)
         ref = manifest.to_ref(root)
         (staging / REFERENCE_NAME).write_text(ref.model_dump_json(indent=2) + "\n")
         (staging / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n")
@@ -184,6 +150,49 @@ def _build(spec: DatasetSpec, data_dir: Path, root: Path, workers: int) -> Datas
         return ref
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _describe(
+    spec: DatasetSpec,
+    version: str,
+    archive: Archive,
+    labelling: Labelling,
+    packed: Packed,
+    skipped: list[Skip],
+    staging: Path,
+) -> Manifest:
+    """The manifest of a finished build in `staging` (hashes every packed file)."""
+    files = {
+        name: FileInfo(bytes=(staging / name).stat().st_size, sha256=sha256_file(staging / name))
+        for name in [LABELS_NAME, SPLIT_NAME, *packed.caches.values()]
+    }
+    listing = "".join(f"{name} {files[name].sha256}\n" for name in sorted(files))
+    return Manifest(
+        tool_version=TOOL_VERSION,
+        version=version,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        spec=spec,
+        source=spec.source,
+        archive=ArchiveInfo(
+            name=archive.path.name,
+            bytes=archive.bytes,
+            sha256=archive.sha256,
+            checksum=archive.checksum,
+            checksum_verified=archive.checksum_verified,
+        ),
+        layout=labelling.layout,
+        label_mode=labelling.label_mode,
+        classes=packed.classes,
+        counts=packed.counts,
+        split_counts=packed.split_counts,
+        other_available=packed.other_available,
+        skipped=[skip.as_dict() for skip in skipped],
+        skipped_counts=dict(Counter(skip.reason for skip in skipped)),
+        resize=RESIZE_METHOD,
+        caches=packed.caches,
+        files=files,
+        content_hash=hashlib.sha256(listing.encode()).hexdigest(),
+    )
 
 
 def _publish(staging: Path, root: Path, data_dir: Path) -> None:
@@ -199,7 +208,7 @@ def _publish(staging: Path, root: Path, data_dir: Path) -> None:
 
 
 def _log_summary(
-    manifest: Manifest, skipped: list, decoded: int, fetch_s: float, decode_s: float
+    manifest: Manifest, skipped: list[Skip], decoded: int, fetch_s: float, decode_s: float
 ) -> None:
     log.info(
         "%s: %d images decoded in %.1f s (%.0f img/s; archive ready in %.1f s); classes %s",
