@@ -72,7 +72,7 @@ def ensure(
     Args:
         spec: what to build; its `version_id()` names the folder.
         data_dir: where versions live; default `$TRAIN_CATS_DATA_DIR`, else `./artifacts/data`.
-        workers: decoding processes; default one per available CPU, 1 decodes in this process.
+        workers: decoding threads; default one per available CPU, 1 decodes in the calling thread.
 
     Returns:
         The DatasetRef of `<data_dir>/<version>`. If that folder already holds a valid manifest,
@@ -265,7 +265,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--data-dir", type=Path, help=f"Where versions live (default ${DATA_DIR_ENV})."
     )
-    parser.add_argument("--workers", type=int, help="Decoding processes (default: one per CPU).")
+    parser.add_argument("--workers", type=int, help="Decoding threads (default: one per CPU).")
     return parser
 
 

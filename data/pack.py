@@ -18,10 +18,11 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import multiprocessing
 import os
 import sys
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +42,8 @@ RESIZE_METHOD = (
 # Rows copied per step from the decode-order scratch file into the sorted cache.
 _COPY_ROWS = 1024
 
-_sizes: tuple[int, ...] = ()
+# Images in flight per decoding thread: enough to keep each busy while the archive is read.
+_WINDOW_PER_WORKER = 8
 
 
 def default_workers() -> int:
@@ -81,15 +83,12 @@ def decode(data: bytes, sizes: tuple[int, ...]) -> list[np.ndarray]:
     return [square_resize(rgb, size) for size in sizes]
 
 
-def _init_worker(sizes: tuple[int, ...]) -> None:
-    global _sizes
-    _sizes = sizes
-
-
-def _decode_member(item: tuple[str, bytes]) -> tuple[str, list[bytes] | None, str]:
+def _decode_member(
+    item: tuple[str, bytes], sizes: tuple[int, ...]
+) -> tuple[str, list[bytes] | None, str]:
     name, data = item
     try:
-        return name, [array.tobytes() for array in decode(data, _sizes)], ""
+        return name, [array.tobytes() for array in decode(data, sizes)], ""
     # Corrupt files make Pillow raise many unrelated types; each one means "skip this file".
     except Exception as exc:
         return name, None, f"{type(exc).__name__}: {exc}"
@@ -107,7 +106,7 @@ class Decoded:
 def decode_all(
     members: Iterable[tuple[str, bytes]], sizes: list[int], scratch_dir: Path, workers: int
 ) -> Decoded:
-    """Decode every member, spreading the work over `workers` processes (1: in this process).
+    """Decode every member, spreading the work over `workers` threads (1: in the caller's).
 
     Undecodable and duplicate members are recorded in `Decoded.skipped`.
     """
@@ -136,14 +135,25 @@ def decode_all(
 def _decoded_stream(
     members: Iterable[tuple[str, bytes]], sizes: tuple[int, ...], workers: int
 ) -> Iterator[tuple[str, list[bytes] | None, str]]:
+    """Decoded members in archive order, `workers` at a time.
+
+    Threads, not processes: Pillow releases the GIL while it decodes and resizes, so threads run
+    in parallel without pickling every image through a pipe or starting interpreters, and they
+    are safe inside callers that run threads themselves (Prefect). The window of pending images
+    bounds memory while the archive is read ahead.
+    """
     if workers <= 1:
-        _init_worker(sizes)
-        yield from map(_decode_member, members)
+        for item in members:
+            yield _decode_member(item, sizes)
         return
-    # "spawn" rather than fork: callers such as Prefect run threads, and forking them can deadlock.
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=_init_worker, initargs=(sizes,)) as pool:
-        yield from pool.imap(_decode_member, members, chunksize=16)
+    with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
+        pending: deque[Future] = deque()
+        for item in members:
+            pending.append(pool.submit(_decode_member, item, sizes))
+            if len(pending) >= workers * _WINDOW_PER_WORKER:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 @dataclass(frozen=True)
