@@ -143,7 +143,7 @@ def _wanted(name: str, size: int, skipped: list[Skip]) -> bool:
     base = PurePosixPath(name).name
     suffix = PurePosixPath(base).suffix.lower()
     if base.startswith("._") or base.startswith(".") or suffix not in IMAGE_SUFFIXES:
-        skipped.append(Skip(name, "not an image", base if base.startswith(".") else suffix or base))
+        skipped.append(Skip(name, "not an image", base))
         return False
     if size == 0:
         skipped.append(Skip(name, "empty file"))

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from data.archive import OTHER, Labelling, Skip
@@ -89,6 +89,8 @@ def _decode_member(
     name, data = item
     try:
         return name, [array.tobytes() for array in decode(data, sizes)], ""
+    except UnidentifiedImageError:
+        return name, None, "not a format Pillow recognises"
     # Corrupt files make Pillow raise many unrelated types; each one means "skip this file".
     except Exception as exc:
         return name, None, f"{type(exc).__name__}: {exc}"
