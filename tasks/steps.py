@@ -17,7 +17,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-from prefect.runtime import flow_run
+from prefect.runtime import flow_run, task_run
 
 from data.dataset import DatasetRef
 from tasks import backend, monitoring, trainers
@@ -120,9 +120,15 @@ def train_dit_task(
     return _train("dit", dataset, run_name, preset, overrides, backend_name, gpu)
 
 
+def _evaluation_name() -> str:
+    """``evaluate · classifier + dit``: the models this evaluation covers."""
+    params = task_run.get_parameters()
+    return "evaluate · " + " + ".join(m for m in ("classifier", "dit") if params.get(m))
+
+
 @task(
     name="evaluate",
-    task_run_name="evaluate · {classifier} {dit}",
+    task_run_name=_evaluation_name,
     on_failure=[monitoring.failure_artifact],
 )
 def evaluate_task(
