@@ -1,0 +1,229 @@
+"""The evaluation report: its JSON schema, where reports live, deltas against the previous report of
+the same deployment, and the human-readable Markdown.
+
+Reports of one deployment default to `$TRAIN_CATS_RUNS_DIR/reports/<deployment>/<stamp>/`
+(`report.json`, `report.md`, pictures), but may be written anywhere: every finished report is
+appended to `$TRAIN_CATS_RUNS_DIR/reports/<deployment>/history.jsonl`, and the previous report is
+the newest entry there that still exists (see `tasks.evaluate`), unless the caller names one.
+
+A metric regressed when it moved the wrong way by more than its threshold: scores in [0, 1]
+(accuracies, F1, precision, recall) by more than `abs_threshold` (absolute), distances (FD, FID,
+KID) by more than `rel_threshold` times the previous value.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from tasks.trainers import runs_root
+
+SCHEMA_VERSION = 1
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+
+# Distances: lower is better. "…_std" and sample counts carry no direction. Everything else in
+# `Report.metrics` is a score in [0, 1] where higher is better.
+LOWER_IS_BETTER = frozenset(
+    {
+        "generator.classifier_fd",
+        "generator.classifier_kid",
+        "generator.inception_fid",
+        "generator.inception_kid",
+    }
+)
+
+
+class ModelIdentity(BaseModel):
+    """Which exported model was evaluated: its folder and the hashes of its two files."""
+
+    kind: str
+    path: str
+    weights_sha256: str
+    config_sha256: str
+    image_size: int
+    classes: list[str]
+    dataset_version: str | None = Field(None, description="Version the model was trained on.")
+
+
+class DatasetIdentity(BaseModel):
+    version: str
+    root: str
+    label_mode: str
+    classes: list[str]
+    split: str = "val"
+    split_counts: dict[str, int] = Field(description="Held-out images per class.")
+
+
+class Sampling(BaseModel):
+    """How the DiT samples were drawn (EMA weights, as exported)."""
+
+    method: str
+    steps: int
+    cfg_scale: float
+    seed: int
+    samples_per_class: int
+    n_generated: int
+    image_size: int
+
+
+class Delta(BaseModel):
+    previous: float
+    current: float
+    delta: float
+    regression: bool
+
+
+class Report(BaseModel):
+    """Contents of `report.json`. `metrics` holds only computed numbers; anything that was not
+    computed is in `not_computed` with the reason, never a placeholder value."""
+
+    schema_version: int = SCHEMA_VERSION
+    created_at: str = Field(description="UTC, ISO 8601.")
+    deployment: str
+    dataset: DatasetIdentity
+    classifier: ModelIdentity | None = None
+    dit: ModelIdentity | None = None
+    sampling: Sampling | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+    not_computed: dict[str, str] = Field(default_factory=dict)
+    notes: list[str] = Field(default_factory=list)
+    settings: dict[str, float | int | str] = Field(
+        default_factory=dict, description="Sample counts, feature dims, KID subset size, k."
+    )
+    confusion_matrix: list[list[int]] | None = None
+    files: dict[str, str] = Field(default_factory=dict, description="Relative to the report dir.")
+    previous_report: str | None = None
+    thresholds: dict[str, float] = Field(default_factory=dict)
+    deltas: dict[str, Delta] = Field(default_factory=dict)
+    regressions: list[str] = Field(default_factory=list)
+
+
+def reports_dir(deployment: str) -> Path:
+    """`$TRAIN_CATS_RUNS_DIR/reports/<deployment>`: the history of one deployment's reports."""
+    if not deployment or "/" in deployment or deployment in (".", ".."):
+        raise ValueError(f"deployment name {deployment!r} must be a non-empty name without '/'")
+    return runs_root() / "reports" / deployment
+
+
+def load_report(path: str | Path) -> Report:
+    """Read a `report.json` (or the report folder holding one).
+
+    Raises:
+        FileNotFoundError: no report there. pydantic.ValidationError: not a report.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / REPORT_JSON
+    return Report.model_validate_json(path.read_text())
+
+
+def compare(
+    current: Report, previous: Report, abs_threshold: float, rel_threshold: float
+) -> tuple[dict[str, Delta], list[str], list[str]]:
+    """Deltas of every metric present in both reports, the regressed metric names, and notes on
+    what makes the comparison less than like-for-like."""
+    deltas: dict[str, Delta] = {}
+    for name, value in current.metrics.items():
+        before = previous.metrics.get(name)
+        if before is None or name.endswith("_std"):
+            continue
+        change = value - before
+        if name in LOWER_IS_BETTER:
+            regression = change > rel_threshold * abs(before)
+        else:
+            regression = change < -abs_threshold
+        deltas[name] = Delta(previous=before, current=value, delta=change, regression=regression)
+    notes = []
+    if previous.dataset.version != current.dataset.version:
+        notes.append(
+            f"the previous report used dataset {previous.dataset.version}, this one "
+            f"{current.dataset.version}: deltas mix model and data changes"
+        )
+    if previous.settings.get("n_feature_samples") != current.settings.get("n_feature_samples"):
+        notes.append(
+            "the previous report used a different number of samples: FD/FID are biased by the "
+            "sample count, so their deltas are not like-for-like"
+        )
+    return deltas, [name for name, d in deltas.items() if d.regression], notes
+
+
+def _fmt(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"{value:.4g}"
+
+
+def _model_line(label: str, model: ModelIdentity | None) -> str:
+    if model is None:
+        return f"- **{label}:** not given"
+    return (
+        f"- **{label}:** `{model.path}` (weights sha256 `{model.weights_sha256[:16]}…`, "
+        f"{model.image_size} px, trained on `{model.dataset_version}`)"
+    )
+
+
+def render_markdown(report: Report) -> str:
+    """The human-readable report; pictures are linked by their paths relative to the report."""
+    lines = [
+        f"# Evaluation report — {report.deployment}",
+        "",
+        f"Created {report.created_at}. Dataset `{report.dataset.version}` "
+        f"({report.dataset.label_mode}, classes: {', '.join(report.dataset.classes)}), "
+        f"held-out split `{report.dataset.split}` "
+        f"({sum(report.dataset.split_counts.values())} images).",
+        "",
+        _model_line("Classifier", report.classifier),
+        _model_line("DiT", report.dit),
+    ]
+    if report.sampling:
+        s = report.sampling
+        lines.append(
+            f"- **Sampling:** {s.samples_per_class} per class ({s.n_generated} in all) with the EMA "
+            f"weights, {s.method} sampler, {s.steps} steps, CFG scale {s.cfg_scale}, seed {s.seed}"
+        )
+    lines += [
+        "",
+        "## Metrics",
+        "",
+        "| metric | value | previous | delta | |",
+        "|---|---|---|---|---|",
+    ]
+    for name, value in report.metrics.items():
+        delta = report.deltas.get(name)
+        flag = "**regression**" if delta and delta.regression else ""
+        previous = delta.previous if delta else None
+        change = f"{delta.delta:+.4g}" if delta else "—"
+        lines.append(f"| `{name}` | {_fmt(value)} | {_fmt(previous)} | {change} | {flag} |")
+    for name, reason in report.not_computed.items():
+        lines.append(f"| `{name}` | not computed: {reason} | | | |")
+    if report.previous_report:
+        lines += ["", f"Compared with `{report.previous_report}`."]
+        if report.regressions:
+            lines.append(f"**Regressions:** {', '.join(f'`{n}`' for n in report.regressions)}.")
+    else:
+        lines += ["", "No previous report for this deployment: no deltas."]
+    if report.notes:
+        lines += ["", "## Notes", "", *[f"- {note}" for note in report.notes]]
+    if report.confusion_matrix is not None:
+        names = report.dataset.classes
+        lines += ["", "## Confusion matrix (rows: true class, columns: predicted)", ""]
+        lines += ["| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        lines += [
+            f"| **{name}** | " + " | ".join(str(c) for c in row) + " |"
+            for name, row in zip(names, report.confusion_matrix, strict=True)
+        ]
+        if "confusion_png" in report.files:
+            lines += ["", f"![confusion matrix]({report.files['confusion_png']})"]
+    if "grid" in report.files:
+        lines += [
+            "",
+            "## Samples (one row per class)",
+            "",
+            f"![samples]({report.files['grid']})",
+            "",
+            f"Individual images: `{report.files['samples']}/`.",
+        ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,290 @@
+"""Evaluation end to end on real exports: a tiny real training on oxford-pets-mini (species), then
+`tasks.evaluate` in-process, in a fresh subprocess, with and without Inception weights, twice for
+deltas, and inside a real Prefect flow run for the artifacts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+from PIL import Image
+
+from tasks import inception
+from tasks.evaluate import (
+    ClassifierUnderTest,
+    _export_config,
+    _split_images,
+    classifier_metrics,
+    evaluate,
+    generator_metrics,
+)
+from tasks.report import Report, compare, load_report
+from tasks.trainers import TRAINERS, build_config
+
+REPO = Path(__file__).resolve().parents[1]
+INCEPTION_KEYS = ("generator.inception_fid", "generator.inception_kid")
+FAST = {"samples_per_class": 5, "steps": 3, "kid_subsets": 10}
+
+
+@pytest.fixture(scope="module")
+def exports(oxford_mini_species_ref, tmp_path_factory):
+    """Real cpu-tiny trainings, cut to a few steps: a classifier and a DiT export at 32 px."""
+    torch.set_num_threads(2)
+    root = tmp_path_factory.mktemp("exports")
+    runs = {}
+    for name in ("classifier", "dit"):
+        config = build_config(name, "cpu-tiny", {"steps": 4, "warmup_steps": 1, "log_every": 2})
+        runs[name] = TRAINERS[name].train(config, oxford_mini_species_ref, root / name)["run_dir"]
+    return oxford_mini_species_ref, Path(runs["classifier"]), Path(runs["dit"])
+
+
+@pytest.fixture
+def no_inception(monkeypatch, tmp_path):
+    """No Inception weights anywhere and downloads forbidden."""
+    monkeypatch.delenv(inception.WEIGHTS_ENV, raising=False)
+    monkeypatch.setenv(inception.DOWNLOAD_ENV, "0")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+
+
+@pytest.fixture(scope="module")
+def random_inception_weights(tmp_path_factory) -> Path:
+    """A weights file with the FID Inception's exact layout but random values, so that the real
+    Inception code path runs offline (the numbers it gives mean nothing)."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
+    with (
+        mock.patch("torch.load", return_value={}),
+        mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict"),
+    ):
+        network = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], "unused")
+    torch.save(network.state_dict(), path)
+    return path
+
+
+def test_evaluate_from_exported_files_alone_in_a_fresh_process(exports, tmp_path):
+    ref, classifier, dit = exports
+    out = tmp_path / "report"
+    env = {
+        **os.environ,
+        "TORCH_HOME": str(tmp_path / "torch-home"),
+        inception.DOWNLOAD_ENV: "1",  # the CLI flag must win
+        "OMP_NUM_THREADS": "2",
+    }
+    env.pop(inception.WEIGHTS_ENV, None)
+    started = time.monotonic()
+    run = subprocess.run(
+        [sys.executable, "-m", "tasks.evaluate", "--dataset", ref.root, "--classifier",
+         str(classifier), "--dit", str(dit), "--out", str(out), "--samples-per-class", "5",
+         "--steps", "3", "--sampler", "heun", "--cfg-scale", "1.5", "--no-inception-download",
+         "--kid-subsets", "10"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    assert summary["report_dir"] == str(out.resolve())
+    report = load_report(out)
+    assert report.dataset.version == ref.version
+    assert (
+        report.classifier.weights_sha256
+        == hashlib.sha256((classifier / "model.safetensors").read_bytes()).hexdigest()
+    )
+    assert report.dit.dataset_version == ref.version
+    assert (report.sampling.method, report.sampling.steps, report.sampling.cfg_scale) == (
+        "heun",
+        3,
+        1.5,
+    )
+    assert report.sampling.n_generated == 10
+    for name in ("classifier.accuracy", "classifier.macro_f1", "generator.conditional_accuracy",
+                 "generator.precision", "generator.recall"):  # fmt: skip
+        assert 0.0 <= report.metrics[name] <= 1.0
+    assert report.metrics["generator.classifier_fd"] >= 0.0
+    assert math.isfinite(report.metrics["generator.classifier_kid"])
+    assert report.settings["kid_subset_size"] == report.settings["n_feature_samples"] == 10
+    assert any("feature dimensions" in note for note in report.notes)  # 10 samples < 512 dims
+    assert sum(map(sum, report.confusion_matrix)) == sum(report.dataset.split_counts.values())
+    for key in INCEPTION_KEYS:
+        assert "--no-inception-download" in report.not_computed[key]
+        assert key not in report.metrics
+    # Pictures: one labelled row per class in the grid, five PNGs per class, all 32 px.
+    grid = Image.open(out / report.files["grid"])
+    assert grid.height < 2 * grid.width and grid.height >= 2 * 64
+    for name in ref.classes:
+        files = sorted((out / "samples" / name).glob("*.png"))
+        assert len(files) == 5 and Image.open(files[0]).size == (32, 32)
+    markdown = (out / "report.md").read_text()
+    assert "](samples_grid.png)" in markdown and "](confusion_matrix.png)" in markdown
+    assert not [p for p in tmp_path.iterdir() if "partial" in p.name]  # staging renamed away
+    assert time.monotonic() - started < 120
+
+
+def test_conditional_accuracy_on_real_images_equals_classifier_accuracy(exports):
+    ref, classifier, _ = exports
+    clf = ClassifierUnderTest.load(*_export_config(classifier, "classifier"), torch.device("cpu"))
+    images, labels = _split_images(ref, clf.image_size)
+    accuracy = classifier_metrics(clf, images, labels)["accuracy"]
+    values, skipped, settings = generator_metrics(clf, images, labels, images, kid_subsets=5)
+    assert values["generator.conditional_accuracy"] == pytest.approx(accuracy, abs=1e-9)
+    # The same images as "generated" and real: the distribution metrics see no difference.
+    assert values["generator.classifier_fd"] == pytest.approx(0.0, abs=1e-3)
+    assert values["generator.precision"] == values["generator.recall"] == 1.0
+    assert not skipped and settings["n_feature_samples"] == len(labels)
+
+
+def test_missing_inception_weights_are_not_computed_with_the_reason(
+    exports, tmp_path, no_inception
+):
+    ref, classifier, dit = exports
+    missing = tmp_path / "nowhere" / "inception.pth"
+    summary = evaluate(ref, classifier, dit, tmp_path / "r", inception_weights=missing, **FAST)
+    for key in INCEPTION_KEYS:
+        assert str(missing) in summary["not_computed"][key]
+        assert "does not exist" in summary["not_computed"][key]
+        assert key not in summary["metrics"]
+
+
+def test_inception_fid_and_kid_are_computed_from_a_local_weights_file(
+    exports, tmp_path, no_inception, random_inception_weights
+):
+    ref, _, dit = exports  # no classifier: Inception metrics do not need one
+    summary = evaluate(ref, None, dit, tmp_path / "r", inception_weights=random_inception_weights, **FAST)  # fmt: skip
+    assert summary["metrics"]["generator.inception_fid"] >= 0.0
+    assert math.isfinite(summary["metrics"]["generator.inception_kid"])
+    assert "no classifier" in summary["not_computed"]["generator.classifier_fd"]
+    report = load_report(summary["report_dir"])
+    assert report.settings["inception_kid_subset_size"] == 10
+    assert any("Inception feature space: 10 samples" in note for note in report.notes)
+
+
+def _weights_named_for(tmp_path: Path, body: bytes, *, corrupt: bool = False) -> str:
+    digest = hashlib.sha256(body + (b"x" if corrupt else b"")).hexdigest()[:8]
+    name = f"weights-test-{digest}.pth"
+    (tmp_path / "www" / name).write_bytes(body)
+    return name
+
+
+def test_inception_weights_download_into_the_hub_cache_once(http_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    monkeypatch.delenv(inception.WEIGHTS_ENV, raising=False)
+    name = _weights_named_for(tmp_path, b"weights" * 1000)
+    monkeypatch.setenv(inception.URL_ENV, http_server.url(f"/{name}"))
+    path = inception.resolve_weights()
+    assert path == tmp_path / "torch-home" / "hub" / "checkpoints" / name
+    assert path.read_bytes() == b"weights" * 1000
+    assert inception.resolve_weights() == path  # cached: no second request
+    assert http_server.count(f"/{name}") == 1
+
+
+def test_corrupt_or_unreachable_inception_download_fails_fast_and_leaves_nothing(
+    http_server, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    monkeypatch.delenv(inception.WEIGHTS_ENV, raising=False)
+    name = _weights_named_for(tmp_path, b"weights", corrupt=True)
+    monkeypatch.setenv(inception.URL_ENV, http_server.url(f"/{name}"))
+    with pytest.raises(inception.InceptionUnavailable, match="corrupt"):
+        inception.resolve_weights()
+    assert not list((tmp_path / "torch-home" / "hub" / "checkpoints").iterdir())
+    http_server.fail(f"/{name}", 503)
+    with pytest.raises(inception.InceptionUnavailable, match="503"):
+        inception.resolve_weights()
+    # A closed port on 127.0.0.1: refused at once, and the message names the host.
+    closed = http_server.url(f"/{name}").replace(f":{http_server.port}", ":9")
+    monkeypatch.setenv(inception.URL_ENV, closed)
+    started = time.monotonic()
+    with pytest.raises(inception.InceptionUnavailable, match=r"host 127\.0\.0\.1:9"):
+        inception.resolve_weights()
+    assert time.monotonic() - started < inception.CONNECT_TIMEOUT_S + 2
+
+
+def test_report_round_trips_through_json_and_shows_deltas_and_regressions(
+    exports, tmp_path, no_inception
+):
+    ref, classifier, dit = exports
+    first = evaluate(ref, classifier, dit, deployment="nightly", **FAST)
+    second = evaluate(ref, classifier, dit, deployment="nightly", **FAST)
+    assert Path(first["report_dir"]).parent == Path(second["report_dir"]).parent
+    report = load_report(second["report_dir"])
+    assert Report.model_validate_json(report.model_dump_json()) == report
+    assert Report.model_validate(json.loads(json.dumps(report.model_dump()))) == report
+    # Same exports and seed: every delta is zero and nothing regressed.
+    assert report.previous_report == first["report_json"]
+    assert set(report.deltas) >= {"classifier.accuracy", "generator.classifier_fd"}
+    assert all(d.delta == pytest.approx(0.0, abs=1e-9) for d in report.deltas.values())
+    assert report.regressions == []
+    # A previous report with better numbers makes this one a regression, beyond the thresholds.
+    better = report.model_copy(deep=True)
+    better.metrics["classifier.accuracy"] += 0.05
+    better.metrics["classifier.macro_f1"] += 0.01  # within the 0.02 tolerance
+    better.metrics["generator.classifier_fd"] /= 2
+    deltas, regressions, _ = compare(report, better, abs_threshold=0.02, rel_threshold=0.10)
+    assert set(regressions) == {"classifier.accuracy", "generator.classifier_fd"}
+    assert deltas["classifier.accuracy"].delta == pytest.approx(-0.05)
+    previous = tmp_path / "better.json"
+    previous.write_text(better.model_dump_json())
+    third = evaluate(
+        ref, classifier, None, tmp_path / "third", previous=previous, deployment="nightly"
+    )
+    assert third["regressions"] == ["classifier.accuracy"]
+    assert "**regression**" in Path(third["report_md"]).read_text()
+
+
+def test_bad_input_is_rejected_before_any_work(exports, tmp_path):
+    ref, classifier, dit = exports
+    with pytest.raises(ValueError, match="nothing to evaluate"):
+        evaluate(ref, out=tmp_path / "a")
+    with pytest.raises(FileNotFoundError, match=r"model\.safetensors"):
+        evaluate(ref, classifier=tmp_path, out=tmp_path / "b")
+    with pytest.raises(ValueError, match="not a 'classifier'"):
+        evaluate(ref, classifier=dit, out=tmp_path / "c")
+    with pytest.raises(ValueError, match="unknown sampler"):
+        evaluate(ref, dit=dit, out=tmp_path / "d", sampler="rk45")
+    (tmp_path / "e").mkdir()
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        evaluate(ref, classifier=classifier, out=tmp_path / "e")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]  # nothing half-written
+
+
+def test_prefect_flow_run_gets_table_markdown_and_link_artifacts(exports, tmp_path, no_inception):
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    ref, classifier, dit = exports
+
+    @flow
+    def evaluation_flow() -> tuple[str, dict]:
+        from prefect.runtime import flow_run
+
+        return flow_run.id, evaluate(ref, classifier, dit, tmp_path / "r", deployment="ui", **FAST)
+
+    run_id, summary = evaluation_flow()
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
+        )
+    by_key = {a.key: a for a in artifacts}
+    table = by_key["ui-eval-metrics"]
+    assert table.type == "table"
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert {r["metric"] for r in rows} >= set(summary["metrics"])
+    markdown = by_key["ui-eval-report"]
+    assert markdown.type == "markdown"
+    assert markdown.data.count("data:image/png;base64,") == 2
+    # Prefect stores a link artifact as markdown "[text](link)".
+    for key, path in (("ui-eval-report-json", "report_json"), ("ui-eval-report-md", "report_md")):
+        assert f"]({Path(summary[path]).as_uri()})" in by_key[key].data
+    assert (
+        f"]({(Path(summary['report_dir']) / 'samples_grid.png').as_uri()})"
+        in by_key["ui-eval-grid"].data
+    )
