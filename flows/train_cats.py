@@ -93,6 +93,12 @@ def plan(
         raise ValueError("models is empty: choose 'classifier', 'dit' or both")
     if compute.backend == "modal":
         backend.require_modal_credentials()
+        if not dataset.source.startswith(("http://", "https://", "/data/")):
+            raise ValueError(
+                f"dataset.source {dataset.source!r} is not reachable from a Modal container: "
+                "pass an http(s):// URL, or upload the archive with `modal volume put "
+                "train-cats-data <file> /archives/` and pass /data/archives/<file>"
+            )
     default_preset = "gpu" if compute.backend == "modal" else "cpu-small"
     presets = {m: training[m].preset or default_preset for m in models}
     sizes = {trainers.build_config(m, presets[m], training[m].overrides).image_size for m in models}

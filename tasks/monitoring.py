@@ -7,7 +7,6 @@ shows each as one series across scheduled runs.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,8 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import ArtifactCreate
 
 from data.dataset import DatasetRef, read_manifest
 
@@ -59,18 +60,28 @@ def publish_dataset_summary(ref: DatasetRef) -> None:
 
 
 def failure_artifact(step: Any, task_run: Any, state: Any) -> None:
-    """``on_failure`` hook: a markdown artifact naming the step, its parameters and the error."""
-    params = json.dumps(task_run.parameters or {}, default=str, indent=1)[:2000]
-    create_markdown_artifact(
-        markdown=(
-            f"## {step.name} failed\n\n**Task run:** `{task_run.name}`\n\n"
-            f"**Error:** {state.message}\n\n**Parameters:**\n```json\n{params}\n```\n\n"
-            "Training resumes from the newest checkpoint in its run dir: re-run the flow run "
-            "(or the deployment with the same parameters) to continue."
-        ),
-        key=f"failure-{step.name.replace('_', '-')}",
-        description=f"{step.name} failed",
+    """``on_failure`` hook: a markdown artifact on the failed task run naming it and its error.
+
+    Written through the client with explicit run ids, because hooks run after the task's own
+    run context has closed.
+    """
+    markdown = (
+        f"## {step.name} failed\n\n**Task run:** `{task_run.name}`\n\n"
+        f"**Error:** {state.message}\n\n"
+        "A training resumes from the newest checkpoint in its run dir: retry the flow run (or "
+        "run the deployment again with the same parameters and run dir) to continue."
     )
+    with get_client(sync_client=True) as client:
+        client.create_artifact(
+            ArtifactCreate(
+                key=f"failure-{step.name.replace('_', '-')}",
+                type="markdown",
+                data=markdown,
+                description=f"{step.name} failed",
+                flow_run_id=task_run.flow_run_id,
+                task_run_id=task_run.id,
+            )
+        )
 
 
 class ProgressArtifact:

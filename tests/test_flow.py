@@ -1,0 +1,138 @@
+"""The flow's parameters, validation, command line and prefect.yaml, without training anything
+(the end-to-end and dispatch tests run the flow for real)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from conftest import REPO
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+from flows import train_cats as module
+from flows.train_cats import deployment_parameters, main, train_cats
+from tasks.steps import train_dit_task
+
+PREFECT_YAML = yaml.safe_load((REPO / "prefect.yaml").read_text())
+
+
+def test_parameters_render_as_a_form_with_descriptions_and_bounds():
+    schema = train_cats.parameters.model_dump()
+    assert list(schema["properties"]) == [
+        "dataset", "models", "classifier", "dit", "compute", "evaluation"]  # fmt: skip
+    definitions = schema["definitions"]
+    for name in ("DatasetSpec", "TrainingParams", "ComputeParams", "EvaluationParams"):
+        for field, spec in definitions[name]["properties"].items():
+            assert spec.get("description"), f"{name}.{field} has no description"
+    samples = definitions["EvaluationParams"]["properties"]["samples_per_class"]
+    assert (samples["minimum"], samples["maximum"]) == (1, 1024)
+    assert definitions["ComputeParams"]["properties"]["backend"]["enum"] == ["local", "modal"]
+
+
+class _NeverRun:
+    """Stands in for the flow: validates like it, fails the test if called."""
+
+    validate_parameters = staticmethod(train_cats.validate_parameters)
+
+    def __call__(self, **_):
+        pytest.fail("the flow ran despite invalid parameters")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--preset", "cpu-huge"], "unknown classifier preset 'cpu-huge'"),
+        (["--params", '{"dit": {"overrides": {"stepz": 3}}}'], "unknown dit override field"),
+        (["--params", '{"dit": {"overrides": {"steps": 0}}}'], "steps"),
+        (["--params", '{"dit": {"overrides": {"patch_size": 5}}}'], "patch"),
+        (["--params", '{"models": []}'], "models is empty"),
+        (["--gpu", "H100; rm -rf /"], "gpu"),
+        (["--source", "ftp://example.org/x.tar"], "unsupported source scheme"),
+        (["--deployment", "nightly"], "no deployment 'nightly'"),
+        (["--backend", "modal"], "MODAL_TOKEN_ID"),
+    ],
+)
+def test_bad_parameters_fail_before_any_work(argv, message, capsys, monkeypatch):
+    monkeypatch.delenv("MODAL_TOKEN_ID", raising=False)
+    monkeypatch.delenv("MODAL_TOKEN_SECRET", raising=False)
+    monkeypatch.setattr(module, "train_cats", _NeverRun())
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_modal_backend_rejects_a_source_the_container_cannot_read(capsys, monkeypatch):
+    monkeypatch.setenv("MODAL_TOKEN_ID", "ak-x")
+    monkeypatch.setenv("MODAL_TOKEN_SECRET", "as-x")
+    assert main(["--backend", "modal", "--source", "/home/me/images.tar.gz", "--dry-run"]) == 2
+    assert "modal volume put train-cats-data" in capsys.readouterr().err
+
+
+def test_deployment_option_runs_exactly_that_deployments_parameters(capsys):
+    assert main(["--deployment", "dit", "--dry-run"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    (dit,) = [d for d in PREFECT_YAML["deployments"] if d["name"] == "dit"]
+    assert printed == dit["parameters"] == deployment_parameters("dit")
+
+
+def test_flags_and_params_merge_over_the_deployment(capsys):
+    argv = ["--deployment", "all", "--params", '{"dit": {"overrides": {"steps": 7}}}',
+            "--preset", "cpu-tiny", "--source", "/tmp/x.tar.gz", "--no-evaluate", "--dry-run"]  # fmt: skip
+    assert main(argv) == 0
+    params = json.loads(capsys.readouterr().out)
+    assert params["dit"] == {"preset": "cpu-tiny", "overrides": {"steps": 7}}
+    assert params["classifier"] == {"preset": "cpu-tiny"}
+    assert params["dataset"] == {"labels": "breed", "source": "/tmp/x.tar.gz"}
+    assert params["evaluation"]["enabled"] is False
+    assert params["models"] == ["classifier", "dit"]
+
+
+def test_help_lists_the_options(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--deployment", "--params", "--models", "--preset", "--backend", "--gpu"):
+        assert option in out
+
+
+def test_prefect_yaml_deployments_schedules_pool_and_concurrency():
+    assert [s for s in PREFECT_YAML["pull"]] == [
+        {"prefect.deployments.steps.set_working_directory": {"directory": "{{ clone.stdout }}"}}
+    ]
+    names = {d["name"]: d for d in PREFECT_YAML["deployments"]}
+    assert sorted(names) == ["all", "classifier", "dit"]
+    expected_models = {"all": ["classifier", "dit"], "classifier": ["classifier"], "dit": ["dit"]}
+    for name, deployment in names.items():
+        assert deployment["entrypoint"] == "flows/train_cats.py:train_cats"
+        assert deployment["parameters"]["models"] == expected_models[name]
+        assert "train-cats" in deployment["tags"]
+        (schedule,) = deployment["schedules"]
+        assert schedule["cron"] == "0 3 * * 1" and schedule["timezone"] == "UTC"
+        assert schedule["active"] is False
+        assert deployment["concurrency_limit"]["limit"] == 1
+        assert deployment["work_pool"]["name"] == "train-cats-local"
+        # Every deployment's parameters pass the flow's own validation.
+        train_cats.validate_parameters(deployment["parameters"])
+
+
+@flow(name="failing-training")
+def _failing_training(dataset: dict) -> None:
+    train_dit_task(dataset, "failing/dit", "cpu-tiny", {})
+
+
+def test_a_failed_training_leaves_a_failure_artifact(tmp_path):
+    bogus = {"root": str(tmp_path / "absent"), "version": "absent-1", "label_mode": "breed",
+             "classes": ["a", "b"], "counts": {"a": 1, "b": 1}, "caches": {32: "images_32.npy"}}  # fmt: skip
+    state = _failing_training(bogus, return_state=True)
+    assert state.is_failed()
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])
+            )
+        )
+    (failure,) = [a for a in artifacts if a.key == "failure-train-dit"]
+    assert "train_dit failed" in failure.data and "absent" in failure.data
