@@ -84,7 +84,7 @@ def test_flags_and_params_merge_over_the_deployment(capsys):
     params = json.loads(capsys.readouterr().out)
     assert params["dit"] == {"preset": "cpu-tiny", "overrides": {"steps": 7}}
     assert params["classifier"] == {"preset": "cpu-tiny"}
-    assert params["dataset"] == {"labels": "breed", "source": "/tmp/x.tar.gz"}
+    assert params["dataset"] == {"labels": "breed", "max_other": 1000, "source": "/tmp/x.tar.gz"}
     assert params["evaluation"]["enabled"] is False
     assert params["models"] == ["classifier", "dit"]
 
