@@ -682,6 +682,10 @@ def _artifact_key(deployment: str, what: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", f"{deployment}-eval-{what}".lower()).strip("-")
 
 
+def _significant(value: float) -> float:
+    return float(f"{value:.6g}")
+
+
 def publish_artifacts(report_dir: Path, report: Report) -> None:
     """Publish the report to the current Prefect run: a table of the metrics, a markdown summary
     with the sample grid and confusion matrix inline (`data:` URIs, which the Prefect UI renders),
@@ -698,14 +702,15 @@ def publish_artifacts(report_dir: Path, report: Report) -> None:
         rows.append(
             {
                 "metric": name,
-                "value": round(value, 6),
-                "previous": round(delta.previous, 6) if delta else None,
-                "delta": round(delta.delta, 6) if delta else None,
+                "value": _significant(value),
+                "previous": _significant(delta.previous) if delta else None,
+                "delta": _significant(delta.delta) if delta else None,
                 "regression": bool(delta and delta.regression),
+                "note": "",
             }
         )
     for name, reason in report.not_computed.items():
-        rows.append({"metric": name, "value": f"not computed: {reason}", "regression": False})
+        rows.append({"metric": name, "value": "not computed", "regression": False, "note": reason})
     create_table_artifact(
         table=rows,
         key=_artifact_key(report.deployment, "metrics"),

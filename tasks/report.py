@@ -197,14 +197,17 @@ def render_markdown(report: Report) -> str:
         previous = delta.previous if delta else None
         change = f"{delta.delta:+.4g}" if delta else "—"
         lines.append(f"| `{name}` | {_fmt(value)} | {_fmt(previous)} | {change} | {flag} |")
-    for name, reason in report.not_computed.items():
-        lines.append(f"| `{name}` | not computed: {reason} | | | |")
+    for name in report.not_computed:
+        lines.append(f"| `{name}` | not computed (see below) | | | |")
     if report.previous_report:
         lines += ["", f"Compared with `{report.previous_report}`."]
         if report.regressions:
             lines.append(f"**Regressions:** {', '.join(f'`{n}`' for n in report.regressions)}.")
     else:
         lines += ["", "No previous report for this deployment: no deltas."]
+    if report.not_computed:
+        lines += ["", "## Not computed", ""]
+        lines += [f"- `{name}`: {reason}" for name, reason in report.not_computed.items()]
     if report.notes:
         lines += ["", "## Notes", "", *[f"- {note}" for note in report.notes]]
     if report.confusion_matrix is not None:
