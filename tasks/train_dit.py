@@ -1,0 +1,410 @@
+"""Train a class-conditional DiT with flow matching on a packed dataset; export, load and sample it.
+
+`train_dit(config, dataset, run_dir)` is the unit of work that the command line, the Prefect task
+and the Modal function all call. The loop, in order: draw a batch from the packed cache, flip it,
+compute the rectified-flow loss (`models.flow_matching`, t = 0 data, t = 1 noise) with CFG label
+dropout, step AdamW under a warm-up + cosine LR, clip gradients, update the EMA, log, draw an EMA
+sample grid every `sample_every` steps, checkpoint every `ckpt_every_steps` steps or
+`ckpt_every_minutes` minutes. A run dir with checkpoints is resumed from the newest valid one.
+With `time_budget_minutes` the step count is planned from measured throughput (`tasks.budget`)
+and the LR schedule, the EMA window and the checkpoint cadence follow that plan.
+
+The export is `model.safetensors` (EMA weights) + `config.json`; `load_dit` rebuilds the model from
+them alone and `sample` turns class names into images in [0, 1].
+
+    python -m tasks.train_dit --dataset <ref.json|folder> --run-dir runs/dit --preset cpu-small
+"""
+
+from __future__ import annotations
+
+import sys
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+from torchvision.utils import save_image
+
+from data.dataset import DatasetRef, load_ref, open_split
+from models.dit import DIT_CONFIGS, DiT, dit_from_config
+from models.flow_matching import EMA, SAMPLERS, flow_matching_loss
+from models.flow_matching import sample as integrate
+from tasks import checkpoint as ckpt
+from tasks.budget import TimeBudget
+from tasks.export import plain_state_dict, read_export, write_export
+from tasks.loader import PackedBatches
+from tasks.run_log import Progress
+from tasks.runtime import autocast, build_adamw, maybe_compile, pick_device, seed_everything
+from tasks.schedule import WarmupCosine
+from tasks.train_config import (
+    TrainConfig,
+    build_parser,
+    check_cache,
+    config_from_args,
+    dump_result,
+)
+from tasks.training_run import TrainingRun
+
+SAMPLES_DIR = "samples"
+# Pixels are scaled to [-1, 1]: x = (u8 / 255 - 0.5) / 0.5, the DiT/ADM convention.
+NORMALISATION = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+TIME_CONVENTION = "x_t = (1 - t) * x0 + t * noise; t=0 data, t=1 noise; v = noise - x0"
+
+
+class DiTConfig(TrainConfig):
+    """Everything that defines a DiT training run (see `TrainConfig` for the shared fields).
+
+    The architecture is a named `models.dit.DIT_CONFIGS` entry (`arch`) with optional overrides of
+    its width, depth, heads and patch size; `image_size` is the DiT's input size.
+    """
+
+    arch: str = Field("DiT-Nano/4", description="named DiT config, e.g. DiT-Ti/4, DiT-S/4")
+    hidden_size: int | None = Field(None, ge=4, description="override of the arch's width")
+    depth: int | None = Field(None, ge=1, description="override of the arch's depth")
+    num_heads: int | None = Field(None, ge=1, description="override of the arch's heads")
+    patch_size: int | None = Field(None, ge=1, description="override of the arch's patch size")
+    mlp_ratio: float = Field(4.0, gt=0)
+    qk_norm: bool = False
+    class_dropout_prob: float = Field(0.1, ge=0, lt=1, description="CFG label dropout")
+    time_schedule: Literal["uniform", "logit_normal"] = "logit_normal"
+    flip: bool = Field(True, description="random horizontal flips")
+    ema_decay: float = Field(0.9999, ge=0, lt=1)
+    ema_max_window: float = Field(
+        0.1,
+        gt=0,
+        le=1,
+        description="cap the EMA window 1/(1-decay) at this fraction of the planned steps",
+    )
+    sample_every: int = Field(500, ge=1, description="steps between EMA sample grids")
+    samples_per_class: int = Field(8, ge=1, description="grid columns (one row per class)")
+    sample_steps: int = Field(25, ge=1, description="ODE steps for grids")
+    sample_method: Literal["euler", "heun"] = "euler"
+    cfg_scale: float = Field(2.0, ge=1.0, description="CFG scale for grids and default sampling")
+
+    @model_validator(mode="after")
+    def _architecture_fits(self) -> DiTConfig:
+        if self.arch not in DIT_CONFIGS:
+            raise ValueError(f"arch={self.arch!r} is unknown; choose one of {sorted(DIT_CONFIGS)}")
+        if self.cfg_scale != 1.0 and self.class_dropout_prob == 0:
+            raise ValueError("cfg_scale != 1 needs class_dropout_prob > 0 (a trained null class)")
+        self.architecture(num_classes=1)  # raises ValueError naming patch_size/image_size etc.
+        return self
+
+    def architecture(self, num_classes: int) -> dict[str, Any]:
+        """The `DiT(**kwargs)` arguments for `num_classes` classes (built on the meta device,
+        so checking costs no memory). Raises ValueError from `DiT` for sizes that do not fit."""
+        overrides = {
+            name: value
+            for name in ("hidden_size", "depth", "num_heads", "patch_size")
+            if (value := getattr(self, name)) is not None
+        }
+        with torch.device("meta"):
+            model = dit_from_config(
+                self.arch,
+                input_size=self.image_size,
+                num_classes=num_classes,
+                mlp_ratio=self.mlp_ratio,
+                qk_norm=self.qk_norm,
+                class_dropout_prob=self.class_dropout_prob,
+                **overrides,
+            )
+        return dict(model.config)
+
+
+PRESETS: dict[str, DiTConfig] = {
+    # Tests and CI: 64 tokens of width 64, seconds on one core.
+    "cpu-tiny": DiTConfig(
+        arch="DiT-Nano/4",
+        image_size=32,
+        steps=30,
+        batch_size=16,
+        lr=1e-3,
+        warmup_steps=5,
+        log_every=5,
+        sample_every=15,
+        samples_per_class=4,
+        sample_steps=8,
+        ckpt_every_steps=15,
+        ema_decay=0.99,
+        progress_bar=False,
+    ),
+    # The 2-core demo: 8 minutes of training (the classifier takes 4), then the final grid.
+    # DiT-Ti/4 at 32 px is 64 tokens of width 192, ~1.1 GFLOP per training image, i.e. ~700
+    # AdamW steps of 64 images in 8 minutes at ~100 GFLOP/s; patch 2 (256 tokens) would cost 4x
+    # per image and leave too few steps. lr 5e-4 with 50 warm-up steps is the usual small-ViT
+    # setting; the EMA window is capped at 10% of the planned steps so that short runs export
+    # weights averaged over trained iterates only.
+    "cpu-small": DiTConfig(
+        arch="DiT-Ti/4",
+        image_size=32,
+        steps=100_000,
+        time_budget_minutes=8.0,
+        batch_size=64,
+        lr=5e-4,
+        warmup_steps=50,
+        weight_decay=0.0,
+        log_every=20,
+        sample_every=200,
+        ckpt_every_steps=200,
+        ckpt_every_minutes=2.0,
+        ema_decay=0.999,
+    ),
+    # The Modal default: DiT-S/4 at 128 px (1024 tokens, ~33M parameters) and batch 256, the
+    # DiT paper's batch, with its constant-ish AdamW lr 1e-4 and EMA 0.9999 (Peebles & Xie 2023
+    # §4). At ~190 GFLOP per training image a 40%-utilised H100 does ~8 steps/s, so the one-hour
+    # budget caps spend while leaving room for ~25k steps; bf16 autocast and torch.compile on.
+    "gpu": DiTConfig(
+        arch="DiT-S/4",
+        image_size=128,
+        steps=50_000,
+        time_budget_minutes=60.0,
+        batch_size=256,
+        lr=1e-4,
+        warmup_steps=1_000,
+        weight_decay=0.0,
+        log_every=100,
+        sample_every=2_500,
+        ckpt_every_steps=2_500,
+        ckpt_every_minutes=10.0,
+        ema_decay=0.9999,
+        qk_norm=True,
+        compile=True,
+        sample_steps=50,
+        sample_method="heun",
+    ),
+}
+
+
+def _to_model_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """(B, 3, H, W) uint8 -> float32 in [-1, 1] on `device`."""
+    if device.type == "cuda":
+        images = images.pin_memory()
+    images = images.to(device, non_blocking=True).contiguous()
+    return images.float().div_(127.5).sub_(1.0)
+
+
+def _ema_decay(config: DiTConfig, total_steps: int) -> float:
+    """The configured decay, capped so that the EMA window 1/(1-d) is at most `ema_max_window`
+    of the planned steps: an EMA longer than the run would export half-trained weights."""
+    window = max(1.0, config.ema_max_window * total_steps)
+    return min(config.ema_decay, 1.0 - 1.0 / window)
+
+
+def _grid_labels(num_classes: int, per_class: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(num_classes, device=device).repeat_interleave(per_class)
+
+
+@torch.no_grad()
+def _draw(
+    model: DiT, labels: torch.Tensor, steps: int, method: str, cfg_scale: float, seed: int
+) -> torch.Tensor:
+    """Images (B, 3, H, W) float in [0, 1] for `labels`, from noise seeded by `seed` alone (a
+    private generator, so drawing never disturbs the training RNG streams)."""
+    device = next(model.parameters()).device
+    size = model.input_size
+    gen = torch.Generator("cpu").manual_seed(seed)
+    noise = torch.randn(len(labels), model.in_channels, size, size, generator=gen).to(device)
+    with autocast(device):
+        x0 = integrate(model, noise, labels, steps=steps, method=method, cfg_scale=cfg_scale)
+    return ((x0.float() + 1.0) / 2.0).clamp_(0.0, 1.0)
+
+
+def _save_grid(model: DiT, config: DiTConfig, num_classes: int, path: Path) -> Path:
+    device = next(model.parameters()).device
+    labels = _grid_labels(num_classes, config.samples_per_class, device)
+    images = _draw(
+        model, labels, config.sample_steps, config.sample_method, config.cfg_scale, config.seed
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    save_image(images, tmp, nrow=config.samples_per_class, padding=1)
+    tmp.replace(path)
+    return path
+
+
+def train_dit(
+    config: DiTConfig | dict[str, Any],
+    dataset: str | Path | DatasetRef,
+    run_dir: str | Path,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Train (or resume) a DiT in `run_dir`; return `{run_dir, metrics, files, dataset_version,
+    config}` (JSON-able).
+
+    Args:
+        config: a `DiTConfig` or its dict form (validated).
+        dataset: a DatasetRef, its JSON, or a path accepted by `data.dataset.load_ref`.
+        run_dir: created if missing; if it holds checkpoints, training resumes from the newest
+            valid one.
+        progress: optional callable receiving {"step", "total_steps", "loss", "lr",
+            "images_per_s"} every `log_every` steps.
+
+    Raises:
+        pydantic.ValidationError / ValueError: a bad config (naming the field), or a dataset
+            without a cache at `image_size`; both before any image is read.
+        tasks.checkpoint.ResumeMismatchError: the run dir's checkpoint has another config or
+            dataset version.
+        FloatingPointError: the loss diverged.
+    """
+    config = DiTConfig.model_validate(config if isinstance(config, dict) else config.model_dump())
+    # The budget's clock starts here: loading data and building the model count against it.
+    budget = TimeBudget(config.time_budget_minutes, config.steps)
+    ref = load_ref(dataset)
+    check_cache(config, ref)
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = pick_device(config.device)
+    num_classes = len(ref.classes)
+
+    seed_everything(config.seed)
+    model = DiT(**config.architecture(num_classes)).to(device)
+    ema = EMA(model, decay=_ema_decay(config, config.steps))
+    optimizer = build_adamw(model, config.lr, config.weight_decay)
+    schedule = WarmupCosine(
+        optimizer, config.lr, config.warmup_steps, config.steps, config.min_lr_ratio
+    )
+    loader = PackedBatches(
+        open_split(ref, config.image_size, "train"), config.batch_size, config.seed
+    )
+    # Times, noise, flips and CFG label dropout all draw from this one generator, which the
+    # checkpoints carry: that is what makes a resumed run bit-identical.
+    generator = torch.Generator(device).manual_seed(config.seed)
+    parts = {
+        "model": model,
+        "ema": ema,
+        "optimizer": optimizer,
+        "loader": loader,
+        "generator": ckpt.GeneratorState(generator),
+    }
+    run = TrainingRun(config, ref.version, run_dir, budget, schedule, parts, progress, "dit")
+    train_model = maybe_compile(model, config.compile)
+    model.train()
+    samples = run_dir / SAMPLES_DIR
+
+    while run.active():
+        images, labels = loader.next()
+        x0 = _to_model_input(images, device)
+        labels = labels.to(device, non_blocking=True)
+        if config.flip:
+            flips = torch.rand(x0.shape[0], generator=generator, device=device) < 0.5
+            x0 = torch.where(flips[:, None, None, None], x0.flip(3), x0)
+        lr = run.lr()
+        with autocast(device):
+            loss = flow_matching_loss(
+                train_model, x0, labels, config.time_schedule, generator=generator
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        ema.update(model)
+
+        probe = run.step_done(loss, lr)
+        ema.decay = _ema_decay(config, run.total)
+        if (run.step % config.sample_every == 0 or probe) and run.step < run.total:
+            grid = samples / f"step_{run.step:07d}.png"
+            run.timed("evaluate", partial(_save_grid, ema.shadow, config, num_classes, grid), probe)
+        run.maybe_save(probe)
+    run.end_training()
+
+    final_grid = _save_grid(ema.shadow, config, num_classes, samples / "final.png")
+    export_config = {
+        "kind": "dit",
+        "arch": dict(ema.shadow.config),
+        "classes": list(ref.classes),
+        "image_size": config.image_size,
+        "normalisation": NORMALISATION,
+        "time_convention": TIME_CONVENTION,
+        "sampler": {
+            "method": config.sample_method,
+            "steps": config.sample_steps,
+            "cfg_scale": config.cfg_scale,
+        },
+        "dataset_version": ref.version,
+        "train_config": config.model_dump(),
+        "steps_trained": run.step,
+    }
+    files = write_export(run_dir, plain_state_dict(ema.shadow), export_config)
+    return run.result({**files, "samples": str(final_grid)}, {"ema_decay": ema.decay})
+
+
+# ---------------------------------------------------------------- using an export
+
+
+def load_dit(path: str | Path, device: str | torch.device = "cpu") -> DiT:
+    """Rebuild the exported DiT from `model.safetensors` + `config.json` in `path`.
+
+    Returns an `eval()` model on `device` with `classes` (list[str]) and `export_config` (dict)
+    attributes. Raises FileNotFoundError / ValueError as `tasks.export.read_export`.
+    """
+    weights, config = read_export(path, "dit")
+    model = DiT(**config["arch"])
+    model.load_state_dict(weights, strict=True)
+    model.classes = list(config["classes"])
+    model.export_config = config
+    return model.to(device).eval()
+
+
+def sample(
+    model_or_path: DiT | str | Path,
+    class_names: list[str],
+    n_per_class: int = 8,
+    steps: int | None = None,
+    method: str | None = None,
+    cfg_scale: float | None = None,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Draw `n_per_class` images for each class name, grouped by class in the given order.
+
+    Args:
+        model_or_path: a model from `load_dit`, or an export folder.
+        class_names: names from the export's `classes`.
+        steps, method, cfg_scale: ODE steps, "euler"/"heun", CFG scale; None = the export's
+            defaults (`config.json` "sampler").
+        seed: noise seed; the same seed gives the same images.
+
+    Returns:
+        (len(class_names) * n_per_class, 3, H, W) float32 in [0, 1], on the model's device.
+
+    Raises:
+        ValueError: an unknown class name (listing the valid ones), n_per_class < 1, or an
+            unknown method.
+    """
+    model = model_or_path if isinstance(model_or_path, DiT) else load_dit(model_or_path)
+    classes = getattr(model, "classes", None)
+    if classes is None:
+        raise ValueError("this DiT has no class names; load it with load_dit(path)")
+    unknown = [name for name in class_names if name not in classes]
+    if unknown:
+        raise ValueError(f"unknown class name(s) {unknown}; this model knows {classes}")
+    if n_per_class < 1:
+        raise ValueError(f"n_per_class={n_per_class} must be >= 1")
+    defaults = model.export_config["sampler"] if hasattr(model, "export_config") else {}
+    method = method or defaults.get("method", "euler")
+    if method not in SAMPLERS:
+        raise ValueError(f"unknown method {method!r}; valid: {SAMPLERS}")
+    device = next(model.parameters()).device
+    ids = torch.tensor([classes.index(name) for name in class_names], device=device)
+    labels = ids.repeat_interleave(n_per_class)
+    return _draw(
+        model,
+        labels,
+        steps or defaults.get("steps", 25),
+        method,
+        cfg_scale if cfg_scale is not None else defaults.get("cfg_scale", 1.0),
+        seed,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser(DiTConfig, PRESETS, "Train a class-conditional DiT with flow matching.")
+    args = parser.parse_args(argv)
+    config = config_from_args(DiTConfig, PRESETS, args)
+    result = train_dit(config, args.dataset, args.run_dir)
+    print(dump_result(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""The bookkeeping both trainers share around their loop: resume, step plan, log, checkpoints.
+
+A trainer builds its model, optimizer, schedule and loader, names them in `parts`, and hands them
+to `TrainingRun`, which restores them from the newest valid checkpoint (`tasks.checkpoint`),
+decides how many steps remain (the config's `steps`, or a time budget's plan), logs each step,
+saves checkpoints on cadence, and assembles the JSON-able result. The maths of a step stays in
+the trainer, in plain sight.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from tasks import checkpoint as ckpt
+from tasks.budget import TimeBudget, initial_total
+from tasks.run_log import METRICS, Progress, RunLog
+from tasks.schedule import WarmupCosine
+from tasks.train_config import RESUMABLE_FIELDS, TrainConfig
+
+T = TypeVar("T")
+
+
+class TrainingRun:
+    """Resume state and per-step bookkeeping of one run dir.
+
+    Attributes:
+        step: optimizer updates applied so far (restored on resume).
+        total: the step count currently planned; fixed without a budget, re-planned every step
+            from measured throughput with one.
+        resumed_from: the checkpoint step this process started from, or None.
+
+    Raises (from the constructor):
+        tasks.checkpoint.ResumeMismatchError: the run dir's checkpoint has another config or
+            dataset version.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        dataset_version: str,
+        run_dir: Path,
+        budget: TimeBudget,
+        schedule: WarmupCosine,
+        parts: dict[str, ckpt.Stateful],
+        progress: Progress | None,
+        desc: str,
+    ) -> None:
+        self.config = config
+        self.dataset_version = dataset_version
+        self.run_dir = run_dir
+        self.budget = budget
+        self.schedule = schedule
+        self.parts = {**parts, "scheduler": schedule, "budget": budget}
+        self.step, finished, self.resumed_from = ckpt.resume(
+            run_dir, config.model_dump(), dataset_version, RESUMABLE_FIELDS, self.parts
+        )
+        self.total = initial_total(
+            config.steps, schedule.total_steps, self.step, finished, budget.enabled
+        )
+        schedule.set_total_steps(max(self.total, 1))
+        self.cadence = ckpt.Cadence(
+            config.ckpt_every_steps, budget.checkpoint_minutes(config.ckpt_every_minutes)
+        )
+        self.log = RunLog(run_dir, self.total, self.step, progress, config.progress_bar, desc)
+        self.steps_this_run = 0
+        self.last_row: dict[str, Any] | None = None
+        self._t_train = time.monotonic()
+        self.train_s = 0.0
+
+    def active(self) -> bool:
+        """Whether to run another step: steps remain and the budget allows one more."""
+        return self.step < self.total and not self.budget.out_of_time(self.step)
+
+    def lr(self) -> float:
+        """Set and return the learning rate of the coming update."""
+        return self.schedule.apply(self.step)
+
+    def step_done(self, loss: torch.Tensor, lr: float) -> bool:
+        """Count the update just applied, re-plan under a budget, log. Returns True when this is
+        the budget's probe step (run one evaluation and one save now, see `tasks.budget`)."""
+        self.step += 1
+        self.steps_this_run += 1
+        self.budget.step_done(self.step)
+        if self.budget.enabled:
+            self.total = max(self.step, self.budget.planned_total(self.step))
+            self.schedule.set_total_steps(self.total)
+            self.log.set_total(self.total)
+        row = self.log.step(
+            self.step, loss, lr, self.config.batch_size, self.total, self.config.log_every
+        )
+        self.last_row = row or self.last_row
+        return self.budget.probe_due()
+
+    def timed(self, kind: str, work: Callable[[], T], one_off: bool = False) -> T:
+        """Run finishing-like `work` ("evaluate" or "save") and tell the budget how long it took."""
+        t0 = time.monotonic()
+        out = work()
+        self.budget.note_overhead(kind, time.monotonic() - t0, one_off)
+        return out
+
+    def save(self, is_final: bool, one_off: bool = False) -> Path:
+        """Checkpoint every part, the RNG states and whether the run is finished."""
+        state = ckpt.make_state(
+            self.step,
+            self.config.model_dump(),
+            self.dataset_version,
+            self.parts,
+            finished=is_final,
+        )
+        path = self.timed(
+            "save",
+            lambda: ckpt.save_checkpoint(self.run_dir, state, self.config.keep_checkpoints),
+            one_off,
+        )
+        self.cadence.saved()
+        return path
+
+    def maybe_save(self, probe: bool) -> None:
+        """Save when the cadence says so (or for the probe), except at the last step, which the
+        final save covers."""
+        if (self.cadence.due(self.step) or probe) and self.step < self.total:
+            self.save(is_final=False, one_off=probe)
+
+    def end_training(self) -> None:
+        self.train_s = time.monotonic() - self._t_train
+        self.log.close()
+
+    def result(self, files: dict[str, str], metrics: dict[str, Any]) -> dict[str, Any]:
+        """Save the final checkpoint and return the run's JSON-able summary; `metrics` adds the
+        trainer's own figures to the common ones, which are also appended to metrics.jsonl."""
+        last_checkpoint = self.save(is_final=True)
+        batch = self.config.batch_size
+        common = {
+            "steps": self.step,
+            "steps_this_run": self.steps_this_run,
+            "resumed_from_step": self.resumed_from,
+            "final_loss": self.last_row["loss"] if self.last_row else None,
+            "images_per_s": self.steps_this_run * batch / self.train_s
+            if self.steps_this_run
+            else None,
+            "train_time_s": self.train_s,
+            "budget_spent_s": self.budget.spent_s() if self.budget.enabled else None,
+        }
+        metrics = {**common, **metrics}
+        self.log.write({"kind": "final", "step": self.step, **metrics})
+        return {
+            "run_dir": str(self.run_dir),
+            "metrics": metrics,
+            "files": {
+                **files,
+                "metrics": str(self.run_dir / METRICS),
+                "checkpoint": str(last_checkpoint),
+            },
+            "dataset_version": self.dataset_version,
+            "config": self.config.model_dump(),
+        }

@@ -1,0 +1,133 @@
+"""Classifier training on real photos: learning, validation, exact resume, export, budget, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+from safetensors.torch import load_file
+
+from models.classifier import Classifier
+from tasks.train_classifier import PRESETS, ClassifierConfig, load_classifier, train_classifier
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny(**overrides) -> ClassifierConfig:
+    """The cpu-tiny preset (MobileNetV3-Small at 32 px, batch 16, 60 steps, checkpoints at 30
+    and 60)."""
+    return ClassifierConfig.model_validate({**PRESETS["cpu-tiny"].model_dump(), **overrides})
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def trained(oxford_mini_species_ref, tmp_path_factory):
+    rows: list[dict] = []
+    run_dir = tmp_path_factory.mktemp("classifier") / "run"
+    result = train_classifier(tiny(), oxford_mini_species_ref, run_dir, progress=rows.append)
+    return result, rows
+
+
+def test_loss_falls_and_validation_runs_every_epoch(trained):
+    result, rows = trained
+    json.dumps(result)
+    losses = [r["loss"] for r in rows]
+    assert [r["step"] for r in rows] == [10, 20, 30, 40, 50, 60]
+    assert sum(losses[-2:]) / 2 < 0.9 * losses[0], losses
+    log = [json.loads(line) for line in Path(result["files"]["metrics"]).read_text().splitlines()]
+    evals = [r for r in log if r["kind"] == "eval"]
+    steps_per_epoch = evals[0]["step"]  # the first validation closes epoch 1
+    assert steps_per_epoch == evals[0]["epoch"] * steps_per_epoch
+    assert [r["step"] for r in evals] == [*range(steps_per_epoch, 60, steps_per_epoch), 60]
+    metrics = result["metrics"]
+    for key in ("val_accuracy", "val_balanced_accuracy", "val_loss"):
+        assert metrics[key] >= 0 and (key == "val_loss" or metrics[key] <= 1)
+    config = json.loads(Path(result["files"]["config"]).read_text())
+    assert config["classes"] == ["cat", "other"] and config["image_size"] == 32
+    assert config["normalisation"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
+
+
+def test_load_classifier_in_a_fresh_process(trained, tmp_path):
+    run_dir = trained[0]["run_dir"]
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    torch.save(x, tmp_path / "x.pt")
+    code = f"""
+        import torch
+        from tasks.train_classifier import load_classifier
+        model = load_classifier({run_dir!r})
+        with torch.no_grad():
+            torch.save(model(torch.load({str(tmp_path / "x.pt")!r})), {str(tmp_path / "y.pt")!r})
+        """
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    model = load_classifier(run_dir)
+    assert isinstance(model, Classifier) and not model.training
+    assert model.classes == ["cat", "other"]
+    with torch.no_grad():
+        here = model(x)
+    torch.testing.assert_close(here, torch.load(tmp_path / "y.pt"), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="holds a 'classifier' export, expected 'dit'"):
+        from tasks.train_dit import load_dit
+
+        load_dit(run_dir)
+
+
+def test_exact_resume_after_an_interrupted_run(trained, oxford_mini_species_ref, tmp_path):
+    """Augmentations draw from the global torch RNG: resume must restore it exactly."""
+
+    def stop_at_40(row: dict) -> None:
+        if row["step"] == 40:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        train_classifier(tiny(), oxford_mini_species_ref, tmp_path, progress=stop_at_40)
+    assert not (tmp_path / "model.safetensors").exists()
+    result = train_classifier(tiny(), oxford_mini_species_ref, tmp_path)
+    assert result["metrics"]["resumed_from_step"] == 30
+    straight = load_file(trained[0]["files"]["weights"])
+    resumed = load_file(result["files"]["weights"])
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=1e-6, msg=key)
+    assert result["metrics"]["val_accuracy"] == trained[0]["metrics"]["val_accuracy"]
+
+
+def test_time_budget_finishes_with_exports_inside_it(oxford_mini_species_ref, tmp_path):
+    budget_min = 0.2
+    config = tiny(steps=1_000_000, time_budget_minutes=budget_min, log_every=10)
+    t0 = time.monotonic()
+    result = train_classifier(config, oxford_mini_species_ref, tmp_path)
+    # 2 s of slack: on this shared 2-core machine a single step can stall for a second or two.
+    assert time.monotonic() - t0 <= budget_min * 60 + 2.0
+    assert 3 <= result["metrics"]["steps"] < 1_000_000
+    assert Path(result["files"]["weights"]).is_file()
+    assert "val_accuracy" in result["metrics"]
+
+
+def test_bad_configs_fail_early_naming_the_field(oxford_mini_species_ref):
+    with pytest.raises(ValidationError, match=r"backbone\n.*unknown backbone 'resnet9'"):
+        tiny(backbone="resnet9")
+    with pytest.raises(ValidationError, match=r"steps\n"):
+        tiny(steps=0)
+    ghost = oxford_mini_species_ref.model_copy(update={"root": "/nonexistent"})
+    with pytest.raises(ValueError, match=r"image_size=224: dataset .* has caches at \[32, 64\]"):
+        train_classifier(tiny(image_size=224), ghost, "/nonexistent/run")
+    help_text = subprocess.run(
+        [sys.executable, "-m", "tasks.train_classifier", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    ).stdout
+    for flag in ("--dataset", "--run-dir", "--preset", "--steps", "--time-budget", "--backbone"):
+        assert flag in help_text
