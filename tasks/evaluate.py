@@ -24,7 +24,6 @@ Command line: `python -m tasks.evaluate --help`.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -41,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from filelock import FileLock
 
-from data.dataset import DatasetRef, load_ref, open_split
+from data.dataset import DatasetRef, load_ref, open_split, sha256_file
 from models.classifier import Classifier
 from models.flow_matching import SAMPLERS
 from tasks import figures, inception, metrics
@@ -75,14 +74,6 @@ SAMPLES_DIR = "samples"
 # --------------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _export_config(path: str | Path, kind: str) -> tuple[Path, dict[str, Any]]:
     """The export folder and its config.json, checked before any model is built."""
     folder = Path(path).expanduser().resolve()
@@ -104,8 +95,8 @@ def _identity(folder: Path, config: dict[str, Any]) -> ModelIdentity:
     return ModelIdentity(
         kind=config["kind"],
         path=str(folder),
-        weights_sha256=_sha256(folder / WEIGHTS),
-        config_sha256=_sha256(folder / CONFIG),
+        weights_sha256=sha256_file(folder / WEIGHTS),
+        config_sha256=sha256_file(folder / CONFIG),
         image_size=int(config["image_size"]),
         classes=list(config["classes"]),
         dataset_version=config.get("dataset_version"),
@@ -621,6 +612,7 @@ def _run(
         kid_subset,
         kid_subsets,
         seed,
+        device,
     )
     return report
 
@@ -642,6 +634,7 @@ def _inception(
     kid_subset: int,
     kid_subsets: int,
     seed: int,
+    device: torch.device,
 ) -> None:
     keys = ("generator.inception_fid", "generator.inception_kid")
     if len(real) < 2:
@@ -652,8 +645,8 @@ def _inception(
     except inception.InceptionUnavailable as exc:
         report.not_computed.update(dict.fromkeys(keys, str(exc)))
         return
-    real_feats = inception.inception_features(real, path)
-    fake_feats = inception.inception_features(fake, path)
+    real_feats = inception.inception_features(real, path, device=device)
+    fake_feats = inception.inception_features(fake, path, device=device)
     report.metrics["generator.inception_fid"] = metrics.frechet_distance(real_feats, fake_feats)
     mean, std, used = metrics.kernel_inception_distance(
         real_feats, fake_feats, kid_subset, kid_subsets, seed

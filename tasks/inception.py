@@ -126,7 +126,12 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def inception_features(images: torch.Tensor, weights: Path, batch_size: int = 32) -> torch.Tensor:
+def inception_features(
+    images: torch.Tensor,
+    weights: Path,
+    batch_size: int = 32,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
     """Pool-3 features of torchmetrics' FID Inception-v3 (torch-fidelity's TF-FID port).
 
     Args:
@@ -134,13 +139,16 @@ def inception_features(images: torch.Tensor, weights: Path, batch_size: int = 32
             expects); any H, W: the network resizes to 299 px itself.
         weights: the Inception weights file (see `resolve_weights`).
         batch_size: images per forward pass.
+        device: where the network runs.
 
     Returns:
-        (N, 2048) float32 features.
+        (N, 2048) float32 features, on the CPU.
     """
     network = NoTrainInceptionV3(
         name="inception-v3-compat",
         features_list=["2048"],
         feature_extractor_weights_path=str(weights),
+    ).to(device)
+    return torch.cat(
+        [network(to_uint8(batch.to(device))).cpu() for batch in images.split(batch_size)]
     )
-    return torch.cat([network(to_uint8(batch)) for batch in images.split(batch_size)])

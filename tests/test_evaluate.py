@@ -37,12 +37,14 @@ FAST = {"samples_per_class": 5, "steps": 3, "kid_subsets": 10}
 
 @pytest.fixture(scope="module")
 def exports(oxford_mini_species_ref, tmp_path_factory):
-    """Real cpu-tiny trainings, cut to a few steps: a classifier and a DiT export at 32 px."""
+    """Real cpu-tiny trainings, cut to a few steps: a 64 px classifier and a 32 px DiT, the sizes
+    of the cpu-small presets, so that samples go through the resize to the classifier's size."""
     torch.set_num_threads(2)
     root = tmp_path_factory.mktemp("exports")
     runs = {}
-    for name in ("classifier", "dit"):
-        config = build_config(name, "cpu-tiny", {"steps": 4, "warmup_steps": 1, "log_every": 2})
+    for name, size in (("classifier", 64), ("dit", 32)):
+        overrides = {"steps": 4, "warmup_steps": 1, "log_every": 2, "image_size": size}
+        config = build_config(name, "cpu-tiny", overrides)
         runs[name] = TRAINERS[name].train(config, oxford_mini_species_ref, root / name)["run_dir"]
     return oxford_mini_species_ref, Path(runs["classifier"]), Path(runs["dit"])
 
@@ -112,6 +114,7 @@ def test_evaluate_from_exported_files_alone_in_a_fresh_process(exports, tmp_path
     assert math.isfinite(report.metrics["generator.classifier_kid"])
     assert report.settings["kid_subset_size"] == report.settings["n_feature_samples"] == 10
     assert any("feature dimensions" in note for note in report.notes)  # 10 samples < 512 dims
+    assert any("resized to the classifier's 64 px" in note for note in report.notes)
     assert sum(map(sum, report.confusion_matrix)) == sum(report.dataset.split_counts.values())
     for key in INCEPTION_KEYS:
         assert "--no-inception-download" in report.not_computed[key]
