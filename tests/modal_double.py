@@ -56,7 +56,7 @@ class FakeCall:
 
     def __init__(self, name: str, kwargs: dict, env: dict, in_process: bool):
         self.object_id = f"fc-double{next(_ids):04d}"
-        self.name, self.kwargs, self.cancelled = name, kwargs, False
+        self.name, self.kwargs, self.cancels = name, kwargs, 0
         if in_process:
             self.future: Future = Future()
             self.thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -96,7 +96,7 @@ class FakeCall:
         return f"https://modal.com/apps/double/{self.object_id}"
 
     def cancel(self, terminate_containers: bool = False) -> None:
-        self.cancelled = True
+        self.cancels += 1
         if self.process is not None and self.process.is_alive():
             self.process.terminate()
             self.process.join(10)

@@ -4,13 +4,20 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
+from conftest import OXFORD_MINI, REPO
 from prefect import flow
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowRunFilter,
+    FlowRunFilterId,
+)
+from prefect.client.schemas.sorting import FlowRunSort
 
 from flows import train_cats as module
 from flows.train_cats import deployment_parameters, main, train_cats
@@ -136,3 +143,29 @@ def test_a_failed_training_leaves_a_failure_artifact(tmp_path):
         )
     (failure,) = [a for a in artifacts if a.key == "failure-train-dit"]
     assert "train_dit failed" in failure.data and "absent" in failure.data
+
+
+def test_cli_runs_all_in_process_one_training_after_the_other(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TRAIN_CATS_RUNS_DIR", str(tmp_path / "runs"))
+    # Evaluation of both models is covered by the dispatch test (same function, Modal path).
+    params = {"dataset": {"image_sizes": [32], "max_other": 24}, "evaluation": {"enabled": False}}
+    argv = ["--deployment", "all", "--preset", "cpu-tiny", "--source", str(OXFORD_MINI),
+            "--params", json.dumps(params)]  # fmt: skip
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert sorted(summary["run_dirs"]) == ["classifier", "dit"]
+    dirs = {m: Path(d) for m, d in summary["run_dirs"].items()}
+    assert dirs["classifier"].parent == dirs["dit"].parent
+    assert all((d / "model.safetensors").is_file() for d in dirs.values())
+    assert summary["report"] is None
+    # Local trainings take turns.
+    with get_client(sync_client=True) as client:
+        (run,) = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)
+        tasks = {
+            t.name.split(" ")[0]: t
+            for t in client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id]))
+            )
+        }
+    assert run.state.is_completed()
+    assert tasks["train_classifier"].end_time <= tasks["train_dit"].start_time
