@@ -120,8 +120,12 @@ def test_evaluate_from_exported_files_alone_in_a_fresh_process(exports, tmp_path
         assert "--no-inception-download" in report.not_computed[key]
         assert key not in report.metrics
     # Pictures: one labelled row per class in the grid, five PNGs per class, all 32 px.
-    grid = Image.open(out / report.files["grid"])
-    assert grid.height < 2 * grid.width and grid.height >= 2 * 64
+    grid = Image.open(out / report.files["grid"]).convert("L")
+    assert grid.height == 2 * (64 + 2) + 2  # two rows of 32 px samples shown at 64 px, padding 2
+    margin = grid.width - (5 * (64 + 2) + 2)
+    for row in range(2):  # each row's label is drawn in the left margin
+        box = grid.crop((0, 2 + row * 66, margin, 2 + row * 66 + 64))
+        assert box.getextrema()[0] < 128
     for name in ref.classes:
         files = sorted((out / "samples" / name).glob("*.png"))
         assert len(files) == 5 and Image.open(files[0]).size == (32, 32)
@@ -291,3 +295,14 @@ def test_prefect_flow_run_gets_table_markdown_and_link_artifacts(exports, tmp_pa
         f"]({(Path(summary['report_dir']) / 'samples_grid.png').as_uri()})"
         in by_key["ui-eval-grid"].data
     )
+
+
+def test_command_line_help_lists_the_options():
+    run = subprocess.run(
+        [sys.executable, "-m", "tasks.evaluate", "--help"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0
+    for option in ("--dataset", "--classifier", "--dit", "--out", "--samples-per-class",
+                   "--sampler", "--steps", "--cfg-scale", "--inception-weights", "--previous"):  # fmt: skip
+        assert option in run.stdout
