@@ -432,13 +432,16 @@ def evaluate(
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        report = _run(
-            ref, clf_export, dit_export, stage, torch_device, created_at, deployment,
+        report = Report(
+            created_at=created_at, deployment=deployment, dataset=_dataset_identity(ref)
+        )
+        opts = _Settings(
             samples_per_class=samples_per_class, sampler=sampler, steps=steps,
             cfg_scale=cfg_scale, seed=seed, inception_weights=inception_weights,
             inception_download=inception_download, kid_subset=kid_subset_size,
-            kid_subsets=kid_subsets, batch_size=batch_size,
+            kid_subsets=kid_subsets, batch_size=batch_size, device=torch_device,
         )  # fmt: skip
+        _run(ref, clf_export, dit_export, stage, report, opts)
         if previous_path is not None:
             before = load_report(previous_path)
             report.previous_report = str(previous_path)
@@ -468,153 +471,164 @@ def evaluate(
     }
 
 
+@dataclass(frozen=True)
+class _Settings:
+    """The options of one evaluation, as `evaluate` validated them."""
+
+    samples_per_class: int
+    sampler: str | None
+    steps: int | None
+    cfg_scale: float | None
+    seed: int
+    inception_weights: str | Path | None
+    inception_download: bool | None
+    kid_subset: int
+    kid_subsets: int
+    batch_size: int
+    device: torch.device
+
+
+GENERATOR_KEYS = (
+    "generator.conditional_accuracy",
+    "generator.classifier_fd",
+    "generator.classifier_kid",
+    "generator.precision",
+    "generator.recall",
+    "generator.inception_fid",
+    "generator.inception_kid",
+)
+
+
 def _run(
     ref: DatasetRef,
     clf_export: tuple[Path, dict[str, Any]] | None,
     dit_export: tuple[Path, dict[str, Any]] | None,
     stage: Path,
-    device: torch.device,
-    created_at: str,
-    deployment: str,
-    *,
-    samples_per_class: int,
-    sampler: str | None,
-    steps: int | None,
-    cfg_scale: float | None,
-    seed: int,
-    inception_weights: str | Path | None,
-    inception_download: bool | None,
-    kid_subset: int,
-    kid_subsets: int,
-    batch_size: int,
-) -> Report:
-    """Compute everything into a Report, writing the pictures into `stage`."""
-    split = open_split(ref, next(iter(ref.caches)), "val")
-    held_out = np.bincount(split.labels[split.indices], minlength=len(ref.classes))
-    report = Report(
-        created_at=created_at,
-        deployment=deployment,
-        dataset=DatasetIdentity(
-            version=ref.version,
-            root=ref.root,
-            label_mode=ref.label_mode,
-            classes=list(ref.classes),
-            split_counts={name: int(n) for name, n in zip(ref.classes, held_out, strict=True)},
-        ),
-    )
+    report: Report,
+    opts: _Settings,
+) -> None:
+    """Compute everything into `report`, writing the pictures into `stage`."""
     clf = None
     if clf_export is not None:
         report.classifier = _identity(*clf_export)
-        clf = ClassifierUnderTest.load(*clf_export, device)
-        images, labels = _split_images(ref, clf.image_size)
-        result = classifier_metrics(clf, images, labels, batch_size)
-        report.metrics["classifier.accuracy"] = result["accuracy"]
-        report.metrics["classifier.macro_f1"] = result["macro_f1"]
-        for name, acc in zip(clf.classes, result["per_class_accuracy"], strict=True):
-            if acc is None:
-                report.not_computed[f"classifier.class_accuracy.{name}"] = "no held-out images"
-            else:
-                report.metrics[f"classifier.class_accuracy.{name}"] = acc
-        report.confusion_matrix = result["confusion_matrix"]
-        figures.save_png(
-            figures.confusion_image(result["confusion_matrix"], clf.classes), stage / CONFUSION_PNG
-        )
-        report.files["confusion_png"] = CONFUSION_PNG
-        report.settings["n_classifier_eval"] = len(labels)
+        clf = ClassifierUnderTest.load(*clf_export, opts.device)
+        _add_classifier_metrics(report, ref, clf, stage, opts)
     else:
         report.not_computed["classifier.*"] = "no classifier given"
-
-    generator_keys = (
-        "generator.conditional_accuracy",
-        "generator.classifier_fd",
-        "generator.classifier_kid",
-        "generator.precision",
-        "generator.recall",
-        "generator.inception_fid",
-        "generator.inception_kid",
-    )
     if dit_export is None:
-        report.not_computed.update(dict.fromkeys(generator_keys, "no DiT given"))
-        return report
-
+        report.not_computed.update(dict.fromkeys(GENERATOR_KEYS, "no DiT given"))
+        return
     report.dit = _identity(*dit_export)
-    model = load_dit(dit_export[0], device=device)
-    defaults = dit_export[1].get("sampler", {})
-    method = sampler or defaults.get("method", "euler")
-    n_steps = steps or int(defaults.get("steps", 25))
-    scale = float(cfg_scale if cfg_scale is not None else defaults.get("cfg_scale", 1.0))
-    class_names = list(model.classes)
-    fake = sample(model, class_names, samples_per_class, n_steps, method, scale, seed).cpu()
-    report.sampling = Sampling(
-        method=method,
-        steps=n_steps,
-        cfg_scale=scale,
-        seed=seed,
-        samples_per_class=samples_per_class,
-        n_generated=len(fake),
-        image_size=report.dit.image_size,
-    )
-    figures.save_png(figures.labelled_grid(fake, class_names, samples_per_class), stage / GRID_PNG)
-    _save_samples(fake, class_names, samples_per_class, stage)
-    report.files.update(grid=GRID_PNG, samples=SAMPLES_DIR)
-
+    fake, class_names = _draw_samples(report, dit_export, stage, opts)
     real, partners, matched = _matched_real(
-        ref, report.dit.image_size, class_names, samples_per_class, seed
+        ref, report.dit.image_size, class_names, opts.samples_per_class, opts.seed
     )
-    matched_fake = fake[partners]
     report.settings["n_real_matched"] = len(real)
-    short = {name: n for name, n in matched.items() if n < samples_per_class}
+    short = {name: n for name, n in matched.items() if n < opts.samples_per_class}
     if short:
         report.notes.append(
             f"the held-out split has fewer images than samples_per_class for {short}; the "
             f"distribution metrics use {len(real)} class-matched real/generated pairs"
         )
     if clf is not None:
-        fake_labels = torch.tensor(
-            [clf.classes.index(name) for name in class_names]
-        ).repeat_interleave(samples_per_class)
-        values, skipped, settings = generator_metrics(
-            clf,
-            matched_fake,
-            fake_labels[partners],
-            real,
-            kid_subset,
-            kid_subsets,
-            seed,
-            batch_size,
-        )
-        # Conditional accuracy uses every sample, not only those with a real partner.
-        preds, _ = clf.predict(fake, batch_size)
-        values["generator.conditional_accuracy"] = metrics.classification_metrics(
-            preds, fake_labels, len(clf.classes)
-        )["accuracy"]
-        report.metrics.update(values)
-        report.not_computed.update(skipped)
-        report.settings.update(settings)
-        n, d = settings["n_feature_samples"], settings["classifier_feature_dim"]
-        if n < d:
-            report.notes.append(_few_samples_note("classifier", n, d))
-        if report.dit.image_size != clf.image_size:
-            report.notes.append(
-                f"samples and real images ({report.dit.image_size} px) are resized to the "
-                f"classifier's {clf.image_size} px before feature extraction"
-            )
+        _add_feature_metrics(report, clf, fake, class_names, real, partners, opts)
     else:
         report.not_computed.update(
-            dict.fromkeys(generator_keys[:5], "no classifier given (its features are the space)")
+            dict.fromkeys(GENERATOR_KEYS[:5], "no classifier given (its features are the space)")
         )
-    _inception(
-        report,
-        real,
-        matched_fake,
-        inception_weights,
-        inception_download,
-        kid_subset,
-        kid_subsets,
-        seed,
-        device,
+    _add_inception_metrics(report, real, fake[partners], opts)
+
+
+def _dataset_identity(ref: DatasetRef) -> DatasetIdentity:
+    split = open_split(ref, next(iter(ref.caches)), "val")
+    held_out = np.bincount(split.labels[split.indices], minlength=len(ref.classes))
+    return DatasetIdentity(
+        version=ref.version,
+        root=ref.root,
+        label_mode=ref.label_mode,
+        classes=list(ref.classes),
+        split_counts={name: int(n) for name, n in zip(ref.classes, held_out, strict=True)},
     )
-    return report
+
+
+def _add_classifier_metrics(
+    report: Report, ref: DatasetRef, clf: ClassifierUnderTest, stage: Path, opts: _Settings
+) -> None:
+    images, labels = _split_images(ref, clf.image_size)
+    result = classifier_metrics(clf, images, labels, opts.batch_size)
+    report.metrics["classifier.accuracy"] = result["accuracy"]
+    report.metrics["classifier.macro_f1"] = result["macro_f1"]
+    for name, acc in zip(clf.classes, result["per_class_accuracy"], strict=True):
+        if acc is None:
+            report.not_computed[f"classifier.class_accuracy.{name}"] = "no held-out images"
+        else:
+            report.metrics[f"classifier.class_accuracy.{name}"] = acc
+    report.confusion_matrix = result["confusion_matrix"]
+    figures.save_png(
+        figures.confusion_image(report.confusion_matrix, clf.classes), stage / CONFUSION_PNG
+    )
+    report.files["confusion_png"] = CONFUSION_PNG
+    report.settings["n_classifier_eval"] = len(labels)
+
+
+def _draw_samples(
+    report: Report, dit_export: tuple[Path, dict[str, Any]], stage: Path, opts: _Settings
+) -> tuple[torch.Tensor, list[str]]:
+    """Sample every class of the DiT (sampler settings default to the export's), save the grid
+    and the single images; returns (N, 3, H, W) float in [0, 1] on the CPU and the class names."""
+    model = load_dit(dit_export[0], device=opts.device)
+    defaults = dit_export[1].get("sampler", {})
+    method = opts.sampler or defaults.get("method", "euler")
+    steps = opts.steps or int(defaults.get("steps", 25))
+    scale = float(opts.cfg_scale if opts.cfg_scale is not None else defaults.get("cfg_scale", 1.0))
+    names, per_class = list(model.classes), opts.samples_per_class
+    fake = sample(model, names, per_class, steps, method, scale, opts.seed).cpu()
+    report.sampling = Sampling(
+        method=method,
+        steps=steps,
+        cfg_scale=scale,
+        seed=opts.seed,
+        samples_per_class=per_class,
+        n_generated=len(fake),
+        image_size=report.dit.image_size,
+    )
+    figures.save_png(figures.labelled_grid(fake, names, per_class), stage / GRID_PNG)
+    _save_samples(fake, names, per_class, stage)
+    report.files.update(grid=GRID_PNG, samples=SAMPLES_DIR)
+    return fake, names
+
+
+def _add_feature_metrics(
+    report: Report,
+    clf: ClassifierUnderTest,
+    fake: torch.Tensor,
+    class_names: list[str],
+    real: torch.Tensor,
+    partners: torch.Tensor,
+    opts: _Settings,
+) -> None:
+    fake_labels = torch.tensor([clf.classes.index(n) for n in class_names])
+    fake_labels = fake_labels.repeat_interleave(opts.samples_per_class)
+    values, skipped, settings = generator_metrics(
+        clf, fake[partners], fake_labels[partners], real,
+        opts.kid_subset, opts.kid_subsets, opts.seed, opts.batch_size,
+    )  # fmt: skip
+    # Conditional accuracy uses every sample, not only those with a real partner.
+    preds, _ = clf.predict(fake, opts.batch_size)
+    values["generator.conditional_accuracy"] = metrics.classification_metrics(
+        preds, fake_labels, len(clf.classes)
+    )["accuracy"]
+    report.metrics.update(values)
+    report.not_computed.update(skipped)
+    report.settings.update(settings)
+    n, d = settings["n_feature_samples"], settings["classifier_feature_dim"]
+    if n < d:
+        report.notes.append(_few_samples_note("classifier", n, d))
+    if report.dit.image_size != clf.image_size:
+        report.notes.append(
+            f"samples and real images ({report.dit.image_size} px) are resized to the "
+            f"classifier's {clf.image_size} px before feature extraction"
+        )
 
 
 def _few_samples_note(space: str, n: int, d: int) -> str:
@@ -625,31 +639,23 @@ def _few_samples_note(space: str, n: int, d: int) -> str:
     )
 
 
-def _inception(
-    report: Report,
-    real: torch.Tensor,
-    fake: torch.Tensor,
-    weights: str | Path | None,
-    download: bool | None,
-    kid_subset: int,
-    kid_subsets: int,
-    seed: int,
-    device: torch.device,
+def _add_inception_metrics(
+    report: Report, real: torch.Tensor, fake: torch.Tensor, opts: _Settings
 ) -> None:
     keys = ("generator.inception_fid", "generator.inception_kid")
     if len(real) < 2:
         report.not_computed.update(dict.fromkeys(keys, f"needs ≥ 2 matched pairs, got {len(real)}"))
         return
     try:
-        path = inception.resolve_weights(weights, download)
+        path = inception.resolve_weights(opts.inception_weights, opts.inception_download)
     except inception.InceptionUnavailable as exc:
         report.not_computed.update(dict.fromkeys(keys, str(exc)))
         return
-    real_feats = inception.inception_features(real, path, device=device)
-    fake_feats = inception.inception_features(fake, path, device=device)
+    real_feats = inception.inception_features(real, path, device=opts.device)
+    fake_feats = inception.inception_features(fake, path, device=opts.device)
     report.metrics["generator.inception_fid"] = metrics.frechet_distance(real_feats, fake_feats)
     mean, std, used = metrics.kernel_inception_distance(
-        real_feats, fake_feats, kid_subset, kid_subsets, seed
+        real_feats, fake_feats, opts.kid_subset, opts.kid_subsets, opts.seed
     )
     report.metrics["generator.inception_kid"] = mean
     report.metrics["generator.inception_kid_std"] = std
