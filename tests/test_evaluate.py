@@ -306,3 +306,15 @@ def test_command_line_help_lists_the_options():
     for option in ("--dataset", "--classifier", "--dit", "--out", "--samples-per-class",
                    "--sampler", "--steps", "--cfg-scale", "--inception-weights", "--previous"):  # fmt: skip
         assert option in run.stdout
+
+
+def test_overwrite_replaces_a_report_whole_and_never_compares_it_with_itself(exports, tmp_path):
+    ref, classifier, _ = exports
+    out = tmp_path / "report"
+    first = evaluate(ref, classifier, out=out, deployment="rerun")
+    (out / "stale.txt").write_text("from an older run")
+    second = evaluate(ref, classifier, out=out, deployment="rerun", overwrite=True)
+    assert second["report_dir"] == first["report_dir"]
+    assert not (out / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]  # no staging or old copies
+    assert load_report(out).previous_report is None  # its own earlier version is not "previous"
