@@ -78,11 +78,14 @@ def test_functions_declare_volumes_gpu_retries_and_single_use_containers():
     assert str(modal_app.DATA_MOUNT) in infos["ensure_dataset"].volumes
 
 
-def test_modal_backend_runs_each_step_remotely_with_volume_discipline(volumes, monkeypatch):
+def test_modal_backend_runs_each_step_remotely_with_volume_discipline(
+    volumes, monkeypatch, http_server
+):
     double = ModalDouble(volumes["env"])
     monkeypatch.setattr(backend, "lookup", double.resolve)
+    http_server.add("/images.tar.gz", OXFORD_MINI)  # a Modal container reads sources by URL
     state = train_cats(
-        dataset={"source": str(OXFORD_MINI), "labels": "species", "image_sizes": [32],
+        dataset={"source": http_server.url("/images.tar.gz"), "labels": "species", "image_sizes": [32],
                  "max_other": 40},
         models=["classifier", "dit"],
         classifier={"preset": "cpu-tiny"},
@@ -129,6 +132,11 @@ def test_modal_backend_runs_each_step_remotely_with_volume_discipline(volumes, m
         assert not any(f.startswith(f"{prefix}/{model}/") for f in steps[1][2])
         assert steps[-1][:2] == ("commit", "runs")
         assert f"{prefix}/{model}/model.safetensors" in steps[-1][2]
+    # The two trainings overlapped: each started before the other finished.
+    threads = [thread for _, _, thread, _ in volumes["log"]]
+    first = {m: threads.index(f"train_{m}") for m in ("classifier", "dit")}
+    last = {m: len(threads) - 1 - threads[::-1].index(f"train_{m}") for m in first}
+    assert first["dit"] < last["classifier"] and first["classifier"] < last["dit"]
     evaluation = events("evaluate")
     assert [e[:2] for e in evaluation[:2]] == [("reload", "data"), ("reload", "runs")]
     assert f"{prefix}/dit/model.safetensors" in evaluation[1][2]
