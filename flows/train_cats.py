@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from data.dataset import DatasetSpec
 from tasks import backend, trainers
+from tasks.backend import DEFAULT_GPU
 from tasks.ensure_dataset import ensure_dataset
 from tasks.steps import evaluate_task, run_prefix, train_classifier_task, train_dit_task
 
@@ -55,7 +56,7 @@ class ComputeParams(BaseModel):
         "credentials and `modal deploy tasks/modal_app.py`).",
     )
     gpu: str = Field(
-        "L40S",
+        DEFAULT_GPU,
         pattern=r"^[A-Za-z0-9][A-Za-z0-9:+\-]*$",
         description="Modal GPU type for training and evaluation: T4, L4, A10G, L40S, A100-80GB, "
         "H100, or e.g. H100:2 for two. Ignored with backend=local.",
@@ -111,6 +112,7 @@ def plan(
     name="train-cats",
     on_cancellation=[backend.cancel_recorded_calls],
     on_crashed=[backend.cancel_recorded_calls],
+    on_failure=[backend.cancel_recorded_calls],
 )
 def train_cats(
     dataset: DatasetSpec = DatasetSpec(),  # noqa: B008 - pydantic defaults render the UI form

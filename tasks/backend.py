@@ -17,7 +17,6 @@ killed -- cancels every call id the flow run recorded as an artifact.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from typing import Any
 
 from prefect import get_run_logger
@@ -30,6 +29,8 @@ from prefect.client.schemas.filters import (
 )
 
 APP_NAME = "train-cats"
+# 48 GB, and the best price per DiT-S step of Modal's mid-range cards; any Modal GPU string works.
+DEFAULT_GPU = "L40S"
 CALL_ARTIFACT_PREFIX = "modal-call-"
 POLL_S = 30.0
 
@@ -105,14 +106,13 @@ def run_on_modal(
     *,
     gpu: str | None = None,
     poll_s: float = POLL_S,
-    resolve: Callable[[str, str | None], Any] | None = None,
     **kwargs: Any,
 ) -> Any:
     """Spawn ``function_name(**kwargs)`` on the deployed app, record its call id, wait, return.
 
     The call id goes into a table artifact (key ``modal-call-<function>``) before waiting, so the
-    flow's cancellation hook can find it. Any interrupt while waiting (cancellation, Ctrl-C, a
-    Prefect timeout) cancels the call before it propagates.
+    flow's cancellation hook can find it. An interrupt while waiting (Prefect's cancellation
+    signal, Ctrl-C) cancels the call before it propagates.
 
     Raises:
         ModalUnavailableError: the app is not deployed (names the ``modal deploy`` command).
@@ -121,7 +121,7 @@ def run_on_modal(
     import modal.exception
 
     logger = get_run_logger()
-    function = (resolve or lookup)(function_name, gpu)
+    function = lookup(function_name, gpu)
     try:
         call = function.spawn(**kwargs)
     except modal.exception.NotFoundError as exc:
@@ -135,9 +135,13 @@ def run_on_modal(
         while True:
             try:
                 return call.get(timeout=poll_s)
-            except (TimeoutError, modal.exception.TimeoutError):
+            # Only the builtin TimeoutError means "not finished yet"; a remote function that ran
+            # out of time raises modal.exception.FunctionTimeoutError, which must propagate.
+            except TimeoutError:
                 logger.info("Modal call %s still running", call.object_id)
-    except BaseException:
+    except Exception:
+        raise  # the remote function failed (or the poll did): nothing of ours left to stop here
+    except BaseException:  # cancellation (Prefect's TerminationSignal), Ctrl-C, exit
         logger.warning("cancelling Modal call %s", call.object_id)
         call.cancel()
         raise
@@ -146,7 +150,9 @@ def run_on_modal(
 def cancel_recorded_calls(flow: Any, flow_run: Any, state: Any) -> None:
     """Flow state hook: cancel every Modal call this flow run recorded (idempotent).
 
-    Runs on cancellation and on crash; Modal ignores a cancel for a call that already finished.
+    Runs on cancellation, crash and failure (e.g. the classifier failed while the DiT still
+    trains), so no GPU keeps running for a finished flow run; cancelling a finished call is a
+    no-op.
     """
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(

@@ -30,8 +30,8 @@ from data import download
 from data.dataset import DatasetSpec, load_ref
 from tasks import evaluate as evaluation
 from tasks import trainers
+from tasks.backend import APP_NAME, DEFAULT_GPU
 
-APP_NAME = "train-cats"
 DATA_MOUNT = PurePosixPath("/data")
 RUNS_MOUNT = PurePosixPath("/runs")
 
@@ -55,7 +55,6 @@ PIP_PACKAGES = (
     "torchmetrics==1.9.0",
 )
 
-DEFAULT_GPU = "L40S"
 # Modal's ceiling is 24 h per attempt; the trainings' own time budget is the real cap on spend.
 TRAIN_TIMEOUT_S = 24 * 60 * 60
 # Preemption restarts the same call; training resumes from the newest checkpoint on the volume.

@@ -99,7 +99,7 @@ def train_classifier_task(
     preset: str,
     overrides: dict,
     backend_name: Backend = "local",
-    gpu: str = "L40S",
+    gpu: str = backend.DEFAULT_GPU,
 ) -> dict:
     """Train the classifier (see ``tasks.train_classifier``); returns its JSON-able result."""
     return _train("classifier", dataset, run_name, preset, overrides, backend_name, gpu)
@@ -114,7 +114,7 @@ def train_dit_task(
     preset: str,
     overrides: dict,
     backend_name: Backend = "local",
-    gpu: str = "L40S",
+    gpu: str = backend.DEFAULT_GPU,
 ) -> dict:
     """Train the DiT (see ``tasks.train_dit``); returns its JSON-able result."""
     return _train("dit", dataset, run_name, preset, overrides, backend_name, gpu)
@@ -138,7 +138,7 @@ def evaluate_task(
     dit: str | None = None,
     options: dict | None = None,
     backend_name: Backend = "local",
-    gpu: str = "L40S",
+    gpu: str = backend.DEFAULT_GPU,
 ) -> dict:
     """Evaluate the exported runs named ``classifier``/``dit`` into the run name ``out``.
 
