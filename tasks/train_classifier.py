@@ -40,13 +40,7 @@ from tasks.loader import PackedBatches, Split, iter_batches
 from tasks.run_log import Progress
 from tasks.runtime import autocast, build_adamw, maybe_compile, pick_device, seed_everything
 from tasks.schedule import WarmupCosine
-from tasks.train_config import (
-    TrainConfig,
-    build_parser,
-    check_cache,
-    config_from_args,
-    dump_result,
-)
+from tasks.train_config import TrainConfig, check_cache, run_cli
 from tasks.training_run import TrainingRun
 
 NORMALISATION = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
@@ -305,14 +299,13 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Cla
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser(
-        ClassifierConfig, PRESETS, "Train an image classifier on a packed dataset."
+    return run_cli(
+        ClassifierConfig,
+        PRESETS,
+        train_classifier,
+        "Train an image classifier on a packed dataset.",
+        argv,
     )
-    args = parser.parse_args(argv)
-    config = config_from_args(ClassifierConfig, PRESETS, args)
-    result = train_classifier(config, args.dataset, args.run_dir)
-    print(dump_result(result))
-    return 0
 
 
 if __name__ == "__main__":

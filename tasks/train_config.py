@@ -13,6 +13,7 @@ import argparse
 import json
 import types
 import typing
+from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -146,6 +147,16 @@ def check_cache(config: TrainConfig, ref: Any) -> None:
         )
 
 
-def dump_result(result: dict[str, Any]) -> str:
-    """The one-line JSON a CLI prints last, so callers can parse stdout's final line."""
-    return json.dumps(result, sort_keys=True)
+def run_cli(
+    config_cls: type[ConfigT],
+    presets: dict[str, ConfigT],
+    train: Callable[[ConfigT, str, str], dict[str, Any]],
+    description: str,
+    argv: list[str] | None = None,
+) -> int:
+    """Parse flags, train, and print the result as one JSON line (the last line of stdout, so
+    callers can parse it). Bad flags or configs exit non-zero with argparse's/pydantic's message."""
+    args = build_parser(config_cls, presets, description).parse_args(argv)
+    result = train(config_from_args(config_cls, presets, args), args.dataset, args.run_dir)
+    print(json.dumps(result, sort_keys=True))
+    return 0

@@ -37,13 +37,7 @@ from tasks.loader import PackedBatches
 from tasks.run_log import Progress
 from tasks.runtime import autocast, build_adamw, maybe_compile, pick_device, seed_everything
 from tasks.schedule import WarmupCosine
-from tasks.train_config import (
-    TrainConfig,
-    build_parser,
-    check_cache,
-    config_from_args,
-    dump_result,
-)
+from tasks.train_config import TrainConfig, check_cache, run_cli
 from tasks.training_run import TrainingRun
 
 SAMPLES_DIR = "samples"
@@ -398,12 +392,9 @@ def sample(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser(DiTConfig, PRESETS, "Train a class-conditional DiT with flow matching.")
-    args = parser.parse_args(argv)
-    config = config_from_args(DiTConfig, PRESETS, args)
-    result = train_dit(config, args.dataset, args.run_dir)
-    print(dump_result(result))
-    return 0
+    return run_cli(
+        DiTConfig, PRESETS, train_dit, "Train a class-conditional DiT with flow matching.", argv
+    )
 
 
 if __name__ == "__main__":
