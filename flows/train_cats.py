@@ -7,6 +7,7 @@ Run it in-process on an ephemeral Prefect server (``python -m flows.train_cats -
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ from data.dataset import DatasetSpec
 from tasks import backend, trainers
 from tasks.backend import DEFAULT_GPU
 from tasks.ensure_dataset import ensure_dataset
+from tasks.evaluate import evaluate
 from tasks.steps import evaluate_task, run_prefix, train_classifier_task, train_dit_task
 
 PREFECT_YAML = Path(__file__).resolve().parents[1] / "prefect.yaml"
@@ -84,14 +86,19 @@ def plan(
     models: list[str],
     training: dict[str, TrainingParams],
     compute: ComputeParams,
+    evaluation: EvaluationParams,
 ) -> tuple[DatasetSpec, dict[str, str]]:
-    """Validate everything before any work: presets, overrides, credentials, cache sizes.
+    """Validate everything before any work: presets, overrides, credentials, source, options.
 
     Returns the dataset spec extended with every image size the trainings need, and the preset
     chosen per model. Raises ValueError or ``backend.ModalUnavailableError`` naming the fix.
     """
     if not models:
         raise ValueError("models is empty: choose 'classifier', 'dit' or both")
+    accepted = set(inspect.signature(evaluate).parameters) - {"dataset", "classifier", "dit", "out"}
+    unknown = sorted(set(evaluation.options) - accepted)
+    if unknown:
+        raise ValueError(f"unknown evaluation option(s) {unknown}; valid: {sorted(accepted)}")
     if compute.backend == "modal":
         backend.require_modal_credentials()
         if not dataset.source.startswith(("http://", "https://", "/data/")):
@@ -125,9 +132,8 @@ def train_cats(
     """Build or reuse the dataset, train the chosen models, evaluate them; return a summary."""
     models = sorted(set(models))
     training = {"classifier": classifier, "dit": dit}
-    spec, presets = plan(dataset, models, training, compute)
-    ref = ensure_dataset(spec, backend=compute.backend)
-    ref = ref.model_dump(mode="json") if isinstance(ref, BaseModel) else ref
+    spec, presets = plan(dataset, models, training, compute, evaluation)
+    ref = ensure_dataset(spec, backend=compute.backend).model_dump(mode="json")
     prefix = run_prefix()
     train = {
         m: dict(
@@ -253,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             models,
             {m: bound.get(m, TrainingParams()) for m in trainers.MODELS},
             bound.get("compute", ComputeParams()),
+            bound.get("evaluation", EvaluationParams()),
         )
     except (ValueError, OSError, ParameterTypeError, backend.ModalUnavailableError) as exc:
         print(f"train-cats: {exc}", file=sys.stderr)

@@ -71,7 +71,6 @@ def stack(tmp_path_factory, shared_datasets):
         "PREFECT_UI_API_URL": api,
         "TRAIN_CATS_DATA_DIR": str(root / "data"),
         "TRAIN_CATS_RUNS_DIR": str(root / "runs"),
-        "PWD": str(REPO),
     }
     logs = root / "logs"
     logs.mkdir()

@@ -56,6 +56,7 @@ class _NeverRun:
         (["--params", '{"dit": {"overrides": {"steps": 0}}}'], "steps"),
         (["--params", '{"dit": {"overrides": {"patch_size": 5}}}'], "patch"),
         (["--params", '{"models": []}'], "models is empty"),
+        (["--params", '{"evaluation": {"options": {"cfg": 2}}}'], "unknown evaluation option"),
         (["--gpu", "H100; rm -rf /"], "gpu"),
         (["--source", "ftp://example.org/x.tar"], "unsupported source scheme"),
         (["--deployment", "nightly"], "no deployment 'nightly'"),
