@@ -61,8 +61,9 @@ def _train(
     backend_name: Backend,
     gpu: str,
 ) -> dict:
+    """Train ``model`` locally (in the shared slot) or on Modal; publish its result artifacts."""
     logger = get_run_logger()
-    config = trainers.build_config(model, preset, overrides)
+    config = trainers.build_config(model, preset, overrides)  # fail here, not in a GPU container
     if backend_name == "modal":
         result = backend.run_on_modal(
             f"train_{model}",
@@ -77,7 +78,10 @@ def _train(
     run_dir = trainers.run_path(run_name)
     logger.info("training %s (%s) into %s", model, preset, run_dir)
     _ensure_local_limit()
-    with concurrency(LOCAL_TRAINING_LIMIT, occupy=1, strict=True):
+    # The slot's lease is renewed in the background; a missed renewal must not kill a training.
+    with concurrency(
+        LOCAL_TRAINING_LIMIT, occupy=1, strict=True, raise_on_lease_renewal_failure=False
+    ):
         result = trainers.TRAINERS[model].train(
             config,
             DatasetRef.model_validate(dataset),
