@@ -17,8 +17,15 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def pick_device(name: Literal["auto", "cpu", "cuda"]) -> torch.device:
-    """`auto` -> CUDA when available, else the CPU. Raises RuntimeError for `cuda` without CUDA."""
+def pick_device(
+    name: Literal["auto", "cpu", "cuda"], num_threads: int | None = None
+) -> torch.device:
+    """`auto` -> CUDA when available, else the CPU; sets torch's CPU threads when given.
+
+    Raises RuntimeError for `cuda` without CUDA.
+    """
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():

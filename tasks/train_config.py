@@ -20,8 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 # Changing one of these on resume is allowed. `steps` and `time_budget_minutes` re-plan the LR
 # schedule from the resume point (so a run that changes them is no longer bit-identical to an
-# uninterrupted one, by choice); the rest only change logging, checkpoint cadence, the execution
-# engine (`compile`, which does not change the maths) or the sample grids drawn along the way.
+# uninterrupted one, by choice); the rest only change logging, checkpoint cadence, the sample
+# grids drawn along the way, or the execution engine (`compile`, `num_threads`: the same maths,
+# though a different kernel or thread count may round differently).
 RESUMABLE_FIELDS = frozenset(
     {
         "steps",
@@ -35,6 +36,7 @@ RESUMABLE_FIELDS = frozenset(
         "sample_steps",
         "eval_every_epochs",
         "progress_bar",
+        "num_threads",
     }
 )
 
@@ -70,6 +72,12 @@ class TrainConfig(BaseModel):
     keep_checkpoints: int = Field(3, ge=1, description="newest checkpoints kept on disk")
     compile: bool = Field(False, description="wrap the model in torch.compile")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads for torch (default: torch's choice); 1 avoids OpenMP spin-waits "
+        "when other processes share the cores",
+    )
     progress_bar: bool = True
 
 

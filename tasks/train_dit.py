@@ -248,7 +248,7 @@ def train_dit(
     check_cache(config, ref)
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    device = pick_device(config.device)
+    device = pick_device(config.device, config.num_threads)
     num_classes = len(ref.classes)
 
     seed_everything(config.seed)

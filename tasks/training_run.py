@@ -89,6 +89,8 @@ class TrainingRun:
         if self.budget.enabled:
             self.total = max(self.step, self.budget.planned_total(self.step))
             self.schedule.set_total_steps(self.total)
+            # A warm-up sized for a long run would eat a short budget: cap it at a fifth of the plan.
+            self.schedule.warmup_steps = min(self.config.warmup_steps, max(1, self.total // 5))
             self.log.set_total(self.total)
         row = self.log.step(
             self.step, loss, lr, self.config.batch_size, self.total, self.config.log_every
