@@ -81,7 +81,8 @@ def ensure(
     Raises:
         TransientError (SourceUnreachableError, ServerError, TruncatedDownloadError): worth
             retrying later.
-        PermanentError (SourceNotFoundError, ChecksumMismatchError, InvalidArchiveError): not.
+        PermanentError (HostNotFoundError, SourceNotFoundError, ChecksumMismatchError,
+            InvalidArchiveError): not.
         Nothing is published when any error is raised.
     """
     data_dir = Path(data_dir).expanduser().resolve() if data_dir else default_data_dir()

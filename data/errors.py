@@ -33,6 +33,15 @@ class TruncatedDownloadError(TransientError):
     """The body ended before the announced length; the partial file is kept for a resume."""
 
 
+class HostNotFoundError(PermanentError):
+    """The source's host name does not resolve: offline, or a typo in the URL.
+
+    Permanent on purpose: a name that DNS says does not exist will not appear within a retry's
+    backoff, and an offline machine should fail in seconds, not after minutes of retries. A
+    temporary resolver failure (EAI_AGAIN) stays a `SourceUnreachableError`.
+    """
+
+
 class SourceNotFoundError(PermanentError):
     """The source does not exist (HTTP 404/410, other 4xx, or a missing local file)."""
 

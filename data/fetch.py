@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from tqdm import tqdm
 from data.dataset import DatasetSpec, local_path
 from data.errors import (
     ChecksumMismatchError,
+    HostNotFoundError,
     PermanentError,
     ServerError,
     SourceNotFoundError,
@@ -65,7 +67,8 @@ def fetch(
 
     Raises:
         SourceNotFoundError: HTTP 404/410/other 4xx, or no such local file.
-        SourceUnreachableError: connection refused/reset, DNS failure, or a timeout.
+        HostNotFoundError: the host name does not resolve (offline, or a typo).
+        SourceUnreachableError: connection refused/reset, a temporary DNS failure, or a timeout.
         ServerError: HTTP 5xx or 429.
         TruncatedDownloadError: the body stayed short after `MAX_RESUMES` resumes.
         ChecksumMismatchError: the digest differs (the bad download is deleted).
@@ -136,7 +139,14 @@ def _download(url: str, part: Path, timeout: tuple[float, float]) -> None:
         try:
             received, complete, cut = _stream_once(url, part, offset, timeout)
         except (requests.ConnectionError, requests.Timeout) as exc:
-            # Refused/reset connections, DNS failures and timeouts before the body starts.
+            host = urlparse(url).hostname
+            if _host_unknown(exc):
+                raise HostNotFoundError(
+                    f"cannot resolve the host {host!r} of {url} (this machine is offline, or the "
+                    "URL has a typo). Pass a reachable URL, a file:// URL or a local path with "
+                    "--source (the flow's dataset.source)"
+                ) from exc
+            # Refused/reset connections, temporary DNS failures and timeouts before the body.
             raise SourceUnreachableError(
                 f"cannot reach {urlparse(url).netloc} to download {url}: {exc}. Check the "
                 "network, or pass a reachable URL, a file:// URL or a local path with --source"
@@ -155,6 +165,17 @@ def _download(url: str, part: Path, timeout: tuple[float, float]) -> None:
             f"the download of {url} was cut off at {size} bytes ({why}); "
             "the partial file is kept and the next call resumes it"
         )
+
+
+def _host_unknown(exc: BaseException) -> bool:
+    """True when the error chain holds DNS's definite "no such name" (EAI_NONAME)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, socket.gaierror) and seen.errno == socket.EAI_NONAME:
+            return True
+        reason = getattr(seen, "reason", None)
+        seen = reason if isinstance(reason, BaseException) else seen.__cause__ or seen.__context__
+    return False
 
 
 def _stream_once(

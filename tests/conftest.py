@@ -34,7 +34,9 @@ def _isolated_environment(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def shared_datasets() -> Path:
     if not OXFORD_MINI.is_file() or not PETIMAGES.is_file():
-        pytest.fail(f"the shared datasets are missing under {SHARED_DATASETS}; clone next to ../shared")
+        pytest.fail(
+            f"the shared datasets are missing under {SHARED_DATASETS}; clone next to ../shared"
+        )
     return SHARED_DATASETS
 
 

@@ -3,6 +3,7 @@ a real HTTP server on 127.0.0.1: transient failures are retried, permanent ones 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from prefect import flow
 from prefect.tasks import exponential_backoff
 
 from data.dataset import DatasetRef, DatasetSpec
+from data.errors import HostNotFoundError
 from tasks.ensure_dataset import RETRIES, ensure_dataset
 
 # The production policy with millisecond delays, so that the test does not sleep.
@@ -60,3 +62,22 @@ def test_permanent_errors_fail_after_one_request(http_server, served, tmp_path, 
     assert state.is_failed()
     assert http_server.count("images.tar.gz") == 1
     assert not (tmp_path / "data" / spec.version_id()).exists()
+
+
+@flow(name="ensure-dataset-offline-test")
+def ensure_flow_production_delays(spec: DatasetSpec, data_dir: str) -> DatasetRef:
+    return ensure_dataset(spec, data_dir)
+
+
+def test_an_unknown_host_fails_at_once_without_retries(tmp_path):
+    """Offline (or a typo): DNS says the name does not exist, so the production policy, whose
+    first retry would wait about 10 s, must not retry; the error names the host and the fix."""
+    spec = DatasetSpec(source="http://train-cats-no-such-host.invalid/images.tar.gz")
+    started = time.monotonic()
+    state = ensure_flow_production_delays(spec, str(tmp_path / "data"), return_state=True)
+    assert state.is_failed()
+    assert time.monotonic() - started < 10
+    with pytest.raises(HostNotFoundError) as caught:
+        state.result()
+    message = str(caught.value)
+    assert "train-cats-no-such-host.invalid" in message and "--source" in message
