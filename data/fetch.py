@@ -5,6 +5,11 @@ HTTP downloads land in `<data_dir>/.downloads/<slug>-<url hash>/<name>`: the bod
 `<name>.part`, which is renamed to `<name>` only once complete and verified, next to a
 `<name>.json` sidecar holding its digests. A later spec for the same source (say, another image
 size) reuses the verified file with no network request.
+
+`download_file` is the one HTTP download primitive of the project (streaming, progress bar,
+fail-fast timeouts, errors naming the host, temporary file then rename, optional Range resume):
+the archive fetch here uses it, and so do the pretrained-weights fetches in `models.classifier`
+and `tasks.inception`, which translate its `data.errors` into their own error types.
 """
 
 from __future__ import annotations
@@ -13,8 +18,11 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import socket
 import sys
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -44,6 +52,10 @@ READ_TIMEOUT_S = 60.0
 # Consecutive resumes allowed inside one call, each of which must have received new bytes.
 MAX_RESUMES = 5
 CHUNK_BYTES = 1 << 20
+# The way out of a bad archive URL, for the errors that name it.
+SOURCE_HINT = (
+    "pass a reachable URL, a file:// URL or a local path with --source (the flow's dataset.source)"
+)
 
 
 @dataclass(frozen=True)
@@ -83,7 +95,7 @@ def fetch(
 
 def _fetch_http(spec: DatasetSpec, downloads_dir: Path, timeout: tuple[float, float]) -> Archive:
     url = spec.source
-    final, part, sidecar = download_paths(spec, downloads_dir)
+    final, _, sidecar = download_paths(spec, downloads_dir)
     final.parent.mkdir(parents=True, exist_ok=True)
     # Versions of one source are built under different locks, but share this download.
     with filelock.FileLock(final.parent / f"{final.name}.lock"):
@@ -97,14 +109,14 @@ def _fetch_http(spec: DatasetSpec, downloads_dir: Path, timeout: tuple[float, fl
                 log.warning("the kept copy of %s does not match; downloading it again", url)
                 sidecar.unlink()
                 final.unlink()
-        _download(url, part, timeout)
-        digests = _digests(part, spec.expected_checksum)
-        try:
-            archive = _verified(part, spec.expected_checksum, digests)
-        except ChecksumMismatchError:
-            part.unlink()  # a wrong body must not be resumed or reused
-            raise
-        part.replace(final)
+        checked: list[tuple[Archive, dict[str, str]]] = []
+
+        def verify(part: Path) -> None:
+            digests = _digests(part, spec.expected_checksum)
+            checked.append((_verified(part, spec.expected_checksum, digests), digests))
+
+        download_file(url, final, timeout=timeout, resume=True, verify=verify, hint=SOURCE_HINT)
+        archive, digests = checked[0]
         sidecar.write_text(json.dumps({"url": url, "bytes": archive.bytes, "digests": digests}))
         return dataclasses.replace(archive, path=final)
 
@@ -114,7 +126,12 @@ def download_paths(spec: DatasetSpec, downloads_dir: Path) -> tuple[Path, Path, 
     url = spec.source
     name = Path(unquote(urlparse(url).path)).name or "archive"
     folder = downloads_dir / f"{spec.slug()}-{hashlib.sha1(url.encode()).hexdigest()[:10]}"
-    return folder / name, folder / f"{name}.part", folder / f"{name}.json"
+    return folder / name, partial_path(folder / name), folder / f"{name}.json"
+
+
+def partial_path(dest: Path) -> Path:
+    """Where a resumable download of `dest` keeps its bytes until complete: `<dest>.part`."""
+    return dest.with_name(f"{dest.name}.part")
 
 
 def _cached_digests(final: Path, sidecar: Path, url: str) -> dict[str, str] | None:
@@ -127,33 +144,98 @@ def _cached_digests(final: Path, sidecar: Path, url: str) -> dict[str, str] | No
     return None
 
 
-def _download(url: str, part: Path, timeout: tuple[float, float]) -> None:
-    """Stream `url` into `part`, resuming from its current size with an HTTP Range request.
+def download_file(
+    url: str,
+    dest: Path,
+    *,
+    timeout: tuple[float, float] = (CONNECT_TIMEOUT_S, READ_TIMEOUT_S),
+    resume: bool = False,
+    verify: Callable[[Path], object] | None = None,
+    hint: str = "",
+) -> Path:
+    """Download `url` to `dest` atomically: `dest` appears only complete and verified, or not at all.
 
-    Inside one call a cut-off body is resumed at once, up to `MAX_RESUMES` times, as long as each
+    The body streams (with a tqdm bar on stderr) into a temporary file beside `dest`, on the same
+    filesystem, which is renamed to `dest` once complete and accepted by `verify`.
+
+    Args:
+        url: an http(s) URL.
+        dest: the file to create or replace; its folder is created if needed.
+        timeout: (connect, read) seconds. The connect timeout makes an offline machine fail fast;
+            the read timeout is the longest silence tolerated between two chunks, not a limit on
+            the whole file.
+        resume: keep the partial file (`partial_path(dest)`) across failures and continue it with
+            an HTTP Range request, both at once inside this call (up to `MAX_RESUMES` times, each
+            after new bytes arrived) and in the next call. The caller must keep two calls for one
+            `dest` apart (a file lock). Without it the temporary file is unique to this call and
+            deleted on any failure, and a cut-off body is an error at once.
+        verify: called with the complete temporary file before the rename; whatever it raises
+            propagates, and the file is deleted (a wrong body must be neither resumed nor reused).
+        hint: the way out of a bad URL, for the caller's user (say "pass ... with --source");
+            appended to the errors about the URL.
+
+    Returns:
+        `dest`.
+
+    Raises:
+        HostNotFoundError: the host name does not resolve (offline, or a typo).
+        SourceUnreachableError: connection refused/reset, a temporary DNS failure, or a timeout.
+        ServerError: HTTP 5xx or 429.
+        SourceNotFoundError: HTTP 404/410.
+        PermanentError: any other HTTP 4xx.
+        TruncatedDownloadError: the body stayed short of its Content-Length.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if resume:
+        part = partial_path(dest)
+    else:
+        handle, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+        os.close(handle)
+        part = Path(name)
+    try:
+        _download(url, part, dest.name, timeout, resume=resume, hint=hint)
+    except BaseException:
+        if not resume:
+            part.unlink(missing_ok=True)
+        raise
+    try:
+        if verify is not None:
+            verify(part)
+        part.replace(dest)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    return dest
+
+
+def _download(
+    url: str, part: Path, label: str, timeout: tuple[float, float], *, resume: bool, hint: str
+) -> None:
+    """Stream `url` into `part`; with `resume`, from its current size with an HTTP Range request.
+
+    With `resume`, a cut-off body is resumed at once, up to `MAX_RESUMES` times, as long as each
     attempt received new bytes; anything else is left to the caller's retry policy.
     """
+    or_hint = f", or {hint}" if hint else ""
     resumes = 0
     while True:
-        offset = part.stat().st_size if part.exists() else 0
+        offset = part.stat().st_size if resume and part.exists() else 0
         try:
-            received, complete, cut = _stream_once(url, part, offset, timeout)
+            received, complete, cut = _stream_once(url, part, label, offset, timeout, or_hint)
         except (requests.ConnectionError, requests.Timeout) as exc:
-            host = urlparse(url).hostname
             if _host_unknown(exc):
                 raise HostNotFoundError(
-                    f"cannot resolve the host {host!r} of {url} (this machine is offline, or the "
-                    "URL has a typo). Pass a reachable URL, a file:// URL or a local path with "
-                    "--source (the flow's dataset.source)"
+                    f"cannot resolve the host {urlparse(url).hostname!r} of {url} (this machine "
+                    f"is offline, or the URL has a typo); check the URL{or_hint}"
                 ) from exc
             # Refused/reset connections, temporary DNS failures and timeouts before the body.
             raise SourceUnreachableError(
-                f"cannot reach {urlparse(url).netloc} to download {url}: {exc}. Check the "
-                "network, or pass a reachable URL, a file:// URL or a local path with --source"
+                f"cannot reach {urlparse(url).netloc} to download {url}: {exc}. "
+                f"Check the network{or_hint}"
             ) from exc
         if complete:
             return
-        if received > 0 and resumes < MAX_RESUMES:
+        if resume and received > 0 and resumes < MAX_RESUMES:
             resumes += 1
             log.warning(
                 "download of %s cut off (%s); resuming (%d/%d)", url, cut, resumes, MAX_RESUMES
@@ -161,9 +243,9 @@ def _download(url: str, part: Path, timeout: tuple[float, float]) -> None:
             continue
         size = part.stat().st_size if part.exists() else 0
         why = cut or "the body is shorter than its Content-Length"
+        kept = "; the partial file is kept and the next call resumes it" if resume else ""
         raise TruncatedDownloadError(
-            f"the download of {url} was cut off at {size} bytes ({why}); "
-            "the partial file is kept and the next call resumes it"
+            f"the download of {url} was cut off at {size} bytes ({why}){kept}"
         )
 
 
@@ -179,7 +261,7 @@ def _host_unknown(exc: BaseException) -> bool:
 
 
 def _stream_once(
-    url: str, part: Path, offset: int, timeout: tuple[float, float]
+    url: str, part: Path, label: str, offset: int, timeout: tuple[float, float], or_hint: str
 ) -> tuple[int, bool, Exception | None]:
     """One GET from `offset`: (bytes received, body complete, the error that cut it off)."""
     headers = {"Range": f"bytes={offset}-"} if offset else {}
@@ -192,7 +274,7 @@ def _stream_once(
             log.warning("server rejected Range bytes=%d- for %s; restarting", offset, url)
             part.unlink()
             return offset, False, None
-        _raise_for_status(response, url)
+        _raise_for_status(response, url, or_hint)
         if offset and response.status_code != 206:
             log.warning("server ignored the Range request for %s; restarting from byte 0", url)
             offset = 0
@@ -207,7 +289,7 @@ def _stream_once(
                 unit="B",
                 unit_scale=True,
                 unit_divisor=1024,
-                desc=part.name.removesuffix(".part"),
+                desc=label,
                 file=sys.stderr,
                 mininterval=1.0,
             ) as bar,
@@ -227,7 +309,7 @@ def _stream_once(
         return received, cut is None and (total is None or offset + received == total), cut
 
 
-def _raise_for_status(response: requests.Response, url: str) -> None:
+def _raise_for_status(response: requests.Response, url: str, or_hint: str) -> None:
     status = response.status_code
     if status < 400:
         return
@@ -235,8 +317,8 @@ def _raise_for_status(response: requests.Response, url: str) -> None:
     if status == 429 or status >= 500:
         raise ServerError(f"{detail}; the server is busy or failing, try again later")
     if status in (404, 410):
-        raise SourceNotFoundError(f"{detail}; check the URL passed with --source")
-    raise PermanentError(f"{detail}; check the URL passed with --source and its access rights")
+        raise SourceNotFoundError(f"{detail}; check the URL{or_hint}")
+    raise PermanentError(f"{detail}; check the URL and its access rights{or_hint}")
 
 
 def _digests(path: Path, expected: str | None) -> dict[str, str]:

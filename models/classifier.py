@@ -10,24 +10,23 @@ MobileNetV3-Small (Howard et al. 2019, "Searching for MobileNetV3").
 Pretrained ImageNet weights are fetched from torchvision's weight files (``<Weights>.url``) into
 torch's hub cache, ``$TORCH_HOME/hub/checkpoints`` (``torch.hub.get_dir()``), the same file name and
 place torchvision uses, so a cache filled by torchvision is reused and vice versa. The only I/O in
-``models/`` is this fetch. Set ``TRAIN_CATS_TORCHVISION_WEIGHTS_URL`` to a mirror's base URL
+``models/`` is this fetch, done by the project's download primitive ``data.fetch.download_file``
+(imported only when weights must be downloaded, so ``models/`` needs nothing from ``data/``
+otherwise). Set ``TRAIN_CATS_TORCHVISION_WEIGHTS_URL`` to a mirror's base URL
 (default ``https://download.pytorch.org/models/``) to fetch from elsewhere.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import requests
 import torch
 import torchvision.models as tvm
 from torch import nn
-from tqdm import tqdm
 
 WEIGHTS_URL_ENV = "TRAIN_CATS_TORCHVISION_WEIGHTS_URL"
 DEFAULT_WEIGHTS_URL = "https://download.pytorch.org/models/"
@@ -197,33 +196,15 @@ def _weights_filename(backbone: str) -> str:
 
 
 def _download(url: str, dest: Path) -> None:
-    host = urlsplit(url).netloc
+    from data.errors import DatasetError
+    from data.fetch import download_file
+
     try:
-        with requests.get(url, stream=True, timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S)) as resp:
-            resp.raise_for_status()
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            _stream_to_file(resp, dest)
-    except requests.RequestException as exc:
+        download_file(url, dest, timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S))
+    except DatasetError as exc:
         raise PretrainedWeightsUnavailable(
-            f"could not download ImageNet weights from {url} (host {host}): {exc}. "
-            f"Offline? Use pretrained=False, or pre-seed the cache by placing {dest.name} in "
-            f"{dest.parent} (set TORCH_HOME to move it), or set {WEIGHTS_URL_ENV} to a "
+            f"could not download ImageNet weights from {url} (host {urlsplit(url).netloc}): "
+            f"{exc}. Offline? Use pretrained=False, or pre-seed the cache by placing {dest.name} "
+            f"in {dest.parent} (set TORCH_HOME to move it), or set {WEIGHTS_URL_ENV} to a "
             "reachable mirror"
         ) from exc
-
-
-def _stream_to_file(resp: requests.Response, dest: Path) -> None:
-    total = int(resp.headers.get("content-length", 0)) or None
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        with (
-            os.fdopen(fd, "wb") as f,
-            tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, leave=False) as bar,
-        ):
-            for chunk in resp.iter_content(chunk_size=1 << 20):
-                f.write(chunk)
-                bar.update(len(chunk))
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -14,8 +14,8 @@ in this order, before any of that code runs:
    same place torch-fidelity caches it, so either one's download serves both.
 3. A download from `$TRAIN_CATS_INCEPTION_URL` (default: torch-fidelity's release URL) into that
    cache, with a 5 s connect timeout so that an offline machine fails in seconds, verified against
-   the sha256 prefix in the file name (torch.hub's convention). `TRAIN_CATS_INCEPTION_DOWNLOAD=0`
-   forbids the download.
+   the sha256 prefix in the file name (torch.hub's convention), by `data.fetch.download_file`.
+   `TRAIN_CATS_INCEPTION_DOWNLOAD=0` forbids the download.
 
 When none works, `InceptionUnavailable` says why; the evaluation then reports Inception FID/KID
 as "not computed" with that reason instead of a number.
@@ -26,14 +26,15 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import requests
 import torch
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torchmetrics.image.fid import NoTrainInceptionV3
+
+from data.errors import DatasetError
+from data.fetch import download_file
 
 WEIGHTS_ENV = "TRAIN_CATS_INCEPTION_WEIGHTS"
 URL_ENV = "TRAIN_CATS_INCEPTION_URL"
@@ -90,33 +91,34 @@ def resolve_weights(weights: str | Path | None = None, download: bool | None = N
 
 
 def _download(url: str, dest: Path) -> None:
-    host = urlsplit(url).netloc
-    match = _HASH_PREFIX.search(dest.name)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    digest = hashlib.sha256()
     try:
-        with (
-            os.fdopen(fd, "wb") as out,
-            requests.get(url, stream=True, timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S)) as resp,
-        ):
-            resp.raise_for_status()
-            for chunk in resp.iter_content(chunk_size=1 << 20):
-                out.write(chunk)
-                digest.update(chunk)
-        if match and not digest.hexdigest().startswith(match[1]):
-            raise InceptionUnavailable(
-                f"the Inception weights from {url} are corrupt (sha256 {digest.hexdigest()[:16]}…, "
-                f"expected a prefix of {match[1]}); retry, or set {WEIGHTS_ENV} to a good copy"
-            )
-        os.replace(tmp, dest)
-    except requests.RequestException as exc:
+        download_file(
+            url,
+            dest,
+            timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S),
+            verify=lambda part: _check_sha256_prefix(part, url),
+        )
+    except DatasetError as exc:
         raise InceptionUnavailable(
-            f"could not download the Inception weights from host {host} ({url}): {exc}. "
-            f"Offline? Set {WEIGHTS_ENV} to a local copy of the file, or {URL_ENV} to a mirror"
+            f"could not download the Inception weights from host {urlsplit(url).netloc} ({url}): "
+            f"{exc}. Offline? Set {WEIGHTS_ENV} to a local copy of the file, or {URL_ENV} to a "
+            "mirror"
         ) from exc
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+
+
+def _check_sha256_prefix(path: Path, url: str) -> None:
+    """Raise `InceptionUnavailable` unless `path`'s sha256 starts with the hex digits that end
+    the URL's file name (torch.hub's convention); a name without them is not checked."""
+    match = _HASH_PREFIX.search(Path(urlsplit(url).path).name)
+    if match is None:
+        return
+    with open(path, "rb") as handle:
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    if not digest.startswith(match[1]):
+        raise InceptionUnavailable(
+            f"the Inception weights from {url} are corrupt (sha256 {digest[:16]}…, expected a "
+            f"prefix of {match[1]}); retry, or set {WEIGHTS_ENV} to a good copy"
+        )
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ from data.errors import (
     TransientError,
     TruncatedDownloadError,
 )
-from data.fetch import download_paths, fetch
+from data.fetch import download_file, download_paths, fetch, partial_path
 
 REPO = Path(__file__).resolve().parents[1]
 CATS = {"Abyssinian": 4, "British_Shorthair": 4}
@@ -155,6 +155,70 @@ def test_a_silent_server_times_out_as_transient(http_server, oxford_tar, tmp_pat
     spec = DatasetSpec(source=http_server.url("images.tar.gz"))
     with pytest.raises(SourceUnreachableError):
         fetch(spec, tmp_path / "downloads", timeout=(1.0, 0.3))
+
+
+# --- the download primitive itself (also behind the pretrained-weights fetches) ----------------
+
+
+@pytest.fixture
+def blob(http_server, tmp_path) -> tuple[str, bytes]:
+    data = np.random.default_rng(0).bytes(300_000)
+    (tmp_path / "blob.bin").write_bytes(data)
+    return http_server.add("/files/blob.bin", tmp_path / "blob.bin"), data
+
+
+def test_download_file_without_resume_leaves_nothing_after_a_drop(http_server, blob, tmp_path):
+    url, data = blob
+    dest = tmp_path / "out" / "blob.bin"
+    http_server.drop("/files/blob.bin", after=4096)
+    with pytest.raises(TruncatedDownloadError, match=r"cut off at 4096 bytes"):
+        download_file(url, dest)
+    assert list(dest.parent.iterdir()) == []  # neither dest nor the temporary file
+    assert http_server.count() == 1  # no resume without resume=True
+    assert download_file(url, dest) == dest
+    assert dest.read_bytes() == data
+    assert [p.name for p in dest.parent.iterdir()] == ["blob.bin"]
+
+
+def test_download_file_resumes_a_drop_in_the_same_call(http_server, blob, tmp_path):
+    url, data = blob
+    dest = tmp_path / "out" / "blob.bin"
+    http_server.drop("/files/blob.bin", after=100_000)
+    download_file(url, dest, resume=True)
+    assert dest.read_bytes() == data and not partial_path(dest).exists()
+    assert http_server.requests[1].headers["Range"] == "bytes=100000-"
+
+
+def test_download_file_deletes_a_body_that_verify_rejects(http_server, blob, tmp_path):
+    url, data = blob
+    dest = tmp_path / "out" / "blob.bin"
+    seen: list[bytes] = []
+
+    def reject(part: Path) -> None:
+        seen.append(part.read_bytes())
+        raise ChecksumMismatchError("wrong body")
+
+    for resume in (False, True):
+        with pytest.raises(ChecksumMismatchError, match="wrong body"):
+            download_file(url, dest, resume=resume, verify=reject)
+        assert list(dest.parent.iterdir()) == []  # a rejected body is not kept, even to resume
+    assert seen == [data, data]
+
+
+def test_download_file_errors_name_the_url_and_the_callers_way_out(http_server, tmp_path):
+    dest = tmp_path / "out" / "x.bin"
+    with pytest.raises(
+        SourceNotFoundError, match=r"HTTP 404 .*/nope\.bin; check the URL, or use X"
+    ):
+        download_file(http_server.url("/nope.bin"), dest, hint="use X")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(SourceUnreachableError, match=rf"cannot reach 127\.0\.0\.1:{port} "):
+        download_file(f"http://127.0.0.1:{port}/x.bin", dest, timeout=(1.0, 1.0))
+    assert time.monotonic() - started < 5
+    assert list(dest.parent.iterdir()) == []
 
 
 def test_missing_local_file_is_permanent(tmp_path):
