@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,24 +13,41 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = REPO.parent / "shared" / "datasets"
 OXFORD_MINI = SHARED_DATASETS / "oxford-pets-mini" / "images.tar.gz"
 PETIMAGES = SHARED_DATASETS / "petimages" / "kagglecatsanddogs-180px.zip"
+_ENV_ROOT = pytest.StashKey[tuple[Path, dict[str, str]]]()
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _isolated_environment(tmp_path_factory: pytest.TempPathFactory):
-    """Each test session gets its own Prefect home and storage roots, never the user's."""
-    root = tmp_path_factory.mktemp("env")
-    saved = dict(os.environ)
+def pytest_configure(config: pytest.Config) -> None:
+    """Give the test session its own Prefect home and storage roots, never the user's.
+
+    This runs before any test module imports prefect: Prefect reads its settings (the result
+    storage under PREFECT_HOME among them) at import time, so a fixture would be too late.
+    """
+    root = Path(tempfile.mkdtemp(prefix="train-cats-tests-"))
+    config.stash[_ENV_ROOT] = (root, dict(os.environ))
     os.environ.update(
         PREFECT_HOME=str(root / "prefect"),
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_API_URL="",
         TRAIN_CATS_DATA_DIR=str(root / "data"),
         TRAIN_CATS_RUNS_DIR=str(root / "runs"),
     )
-    os.environ.pop("PREFECT_API_URL")
-    yield
+    os.environ.pop("PREFECT_API_URL", None)  # in-process flows use a temporary server
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    # Stop the temporary Prefect server now, while pytest still owns the output streams;
+    # Prefect's own atexit hook would log to a closed stream and print a spurious traceback.
+    from prefect.logging.handlers import APILogWorker
+    from prefect.server.api.server import SubprocessASGIServer
+
+    APILogWorker.drain_all(timeout=5)  # send queued run logs while the server is still up
+    SubprocessASGIServer().stop()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    root, saved = config.stash[_ENV_ROOT]
     os.environ.clear()
     os.environ.update(saved)
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
