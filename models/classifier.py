@@ -89,12 +89,6 @@ class Classifier(nn.Module):
         return self.head(self.forward_features(x))
 
 
-def features(model: Classifier, x: torch.Tensor) -> torch.Tensor:
-    """Penultimate-layer features: (B, 3, H, W) -> (B, model.feature_dim); same as
-    ``model.forward_features(x)``, for code that prefers a function."""
-    return model.forward_features(x)
-
-
 def build_classifier(
     backbone: str,
     num_classes: int,

@@ -174,6 +174,7 @@ def generator_metrics(
     fake: torch.Tensor,
     fake_labels: torch.Tensor,
     real: torch.Tensor,
+    partners: torch.Tensor | None = None,
     kid_subset: int = 1000,
     kid_subsets: int = 100,
     seed: int = 0,
@@ -184,8 +185,10 @@ def generator_metrics(
     Args:
         fake: (N, 3, H, W) float in [0, 1] generated images; fake_labels: (N,) int64 conditioning
             class ids (in `clf.classes` numbering).
-        real: (M, 3, H', W') float in [0, 1] held-out images, class-matched to `fake` by the caller
-            (FD, KID and precision/recall use equal counts: the first min(N, M) of each).
+        real: (M, 3, H', W') float in [0, 1] held-out images, class-matched to `fake` by the caller.
+        partners: (M,) int64, the index into `fake` of each real image's generated partner; FD,
+            KID and precision/recall compare `fake[partners]` with `real` (equal counts). None:
+            the first min(N, M) of each. The conditional accuracy always uses all N samples.
 
     Returns:
         (metrics, not_computed reasons, settings): metrics `generator.conditional_accuracy`,
@@ -194,6 +197,8 @@ def generator_metrics(
     """
     fake_preds, fake_feats = clf.predict(fake, batch_size)
     _, real_feats = clf.predict(real, batch_size)
+    if partners is not None:
+        fake_feats = fake_feats[partners]
     n = min(len(fake_feats), len(real_feats))
     fake_feats, real_feats = fake_feats[:n], real_feats[:n]
     out = {
@@ -610,14 +615,9 @@ def _add_feature_metrics(
     fake_labels = torch.tensor([clf.classes.index(n) for n in class_names])
     fake_labels = fake_labels.repeat_interleave(opts.samples_per_class)
     values, skipped, settings = generator_metrics(
-        clf, fake[partners], fake_labels[partners], real,
+        clf, fake, fake_labels, real, partners,
         opts.kid_subset, opts.kid_subsets, opts.seed, opts.batch_size,
     )  # fmt: skip
-    # Conditional accuracy uses every sample, not only those with a real partner.
-    preds, _ = clf.predict(fake, opts.batch_size)
-    values["generator.conditional_accuracy"] = metrics.classification_metrics(
-        preds, fake_labels, len(clf.classes)
-    )["accuracy"]
     report.metrics.update(values)
     report.not_computed.update(skipped)
     report.settings.update(settings)

@@ -18,7 +18,6 @@ from models.classifier import (
     WEIGHTS_URL_ENV,
     PretrainedWeightsUnavailable,
     build_classifier,
-    features,
     weights_cache_path,
     weights_url,
 )
@@ -33,7 +32,7 @@ def test_logits_and_features_have_the_right_shapes(backbone, small_input_stem):
     model = build_classifier(backbone, 5, small_input_stem=small_input_stem).eval()
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
-        logits, feats = model(x), features(model, x)
+        logits, feats = model(x), model.forward_features(x)
     assert logits.shape == (2, 5) and logits.dtype == torch.float32
     assert feats.shape == (2, BACKBONES[backbone].feature_dim) == (2, model.feature_dim)
     # The head is the only thing between the features and the logits.

@@ -146,6 +146,15 @@ def test_conditional_accuracy_on_real_images_equals_classifier_accuracy(exports)
     assert values["generator.classifier_fd"] == pytest.approx(0.0, abs=1e-3)
     assert values["generator.precision"] == values["generator.recall"] == 1.0
     assert not skipped and settings["n_feature_samples"] == len(labels)
+    # Real partners drawn for only half of the samples, in another order (as evaluate() does):
+    # the distribution metrics compare each real image with its partner, while the conditional
+    # accuracy still counts every sample.
+    partners = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    partners = partners[: len(images) // 2]
+    paired, _, settings = generator_metrics(clf, images, labels, images[partners], partners)
+    assert paired["generator.conditional_accuracy"] == pytest.approx(accuracy, abs=1e-9)
+    assert paired["generator.classifier_fd"] == pytest.approx(0.0, abs=1e-3)
+    assert settings["n_feature_samples"] == len(partners)
 
 
 def test_missing_inception_weights_are_not_computed_with_the_reason(
