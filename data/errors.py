@@ -43,7 +43,7 @@ class HostNotFoundError(PermanentError):
 
 
 class SourceNotFoundError(PermanentError):
-    """The source does not exist (HTTP 404/410, other 4xx, or a missing local file)."""
+    """The source does not exist (HTTP 404/410, or a missing local file)."""
 
 
 class ChecksumMismatchError(PermanentError):

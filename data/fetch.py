@@ -78,7 +78,8 @@ def fetch(
     """Return the spec's archive, verified against `spec.expected_checksum`.
 
     Raises:
-        SourceNotFoundError: HTTP 404/410/other 4xx, or no such local file.
+        SourceNotFoundError: HTTP 404/410, or no such local file.
+        PermanentError: any other HTTP 4xx (403 and the like: access rights, not a missing file).
         HostNotFoundError: the host name does not resolve (offline, or a typo).
         SourceUnreachableError: connection refused/reset, a temporary DNS failure, or a timeout.
         ServerError: HTTP 5xx or 429.

@@ -1,6 +1,7 @@
 """Prefect task `ensure_dataset`: publish (or reuse) the data set version for a spec.
 
-The body is one call to `data.download.ensure`; this module adds only the retry policy. Transient
+The body is one call to `data.download.ensure`; this module adds the retry policy and, on a final
+failure, the `failure-ensure-dataset` artifact (`tasks.monitoring.failure_artifact`). Transient
 failures (connection errors, timeouts, HTTP 5xx/429, a truncated body) are retried with
 exponential backoff and jitter, and a resumed download continues from its partial file. Anything
 else (checksum mismatch, 404, invalid archive, bad spec) fails at once, because a retry would
@@ -22,7 +23,7 @@ from data.dataset import DatasetRef, DatasetSpec
 from data.download import ensure
 from data.errors import TransientError
 from tasks.backend import run_on_modal
-from tasks.monitoring import publish_dataset_summary
+from tasks.monitoring import failure_artifact, publish_dataset_summary
 
 RETRIES = 4
 # Delays of about 10, 20, 40 and 80 s: long enough for a restarting server or a flaky link.
@@ -48,6 +49,8 @@ def is_transient(task: Any, task_run: Any, state: Any) -> bool:
     retry_delay_seconds=exponential_backoff(backoff_factor=RETRY_BACKOFF_S),
     retry_jitter_factor=RETRY_JITTER_FACTOR,
     retry_condition_fn=is_transient,
+    # Runs once the task has finally failed (not on a retried attempt), like the training steps.
+    on_failure=[failure_artifact],
 )
 def ensure_dataset(
     spec: DatasetSpec,

@@ -34,18 +34,35 @@ def oxford_members(cats: dict[str, int], dogs: dict[str, int]) -> dict[str, byte
 
 
 def write_tar(
-    path: Path, members: dict[str, bytes], *, symlinks: dict[str, str] | None = None
+    path: Path,
+    members: dict[str, bytes],
+    *,
+    symlinks: dict[str, str] | None = None,
+    hardlinks: dict[str, str] | None = None,
+    specials: dict[str, bytes] | None = None,
 ) -> Path:
-    """A tar, gzip-compressed if `path` ends in .gz; `symlinks` maps link name -> target."""
+    """A tar, gzip-compressed if `path` ends in .gz.
+
+    `symlinks` and `hardlinks` map link name -> target; `specials` maps a name to a tarfile member
+    type such as `tarfile.CHRTYPE` (a character device, 1:3 like /dev/null) or `tarfile.FIFOTYPE`.
+    Links and specials follow the regular members, as a hostile archive would order them.
+    """
     with tarfile.open(path, "w:gz" if path.suffix == ".gz" else "w") as archive:
         for name, data in members.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
             archive.addfile(info, io.BytesIO(data))
-        for name, target in (symlinks or {}).items():
+        for kind, links in ((tarfile.SYMTYPE, symlinks), (tarfile.LNKTYPE, hardlinks)):
+            for name, target in (links or {}).items():
+                info = tarfile.TarInfo(name)
+                info.type = kind
+                info.linkname = target
+                archive.addfile(info)
+        for name, kind in (specials or {}).items():
             info = tarfile.TarInfo(name)
-            info.type = tarfile.SYMTYPE
-            info.linkname = target
+            info.type = kind
+            if kind in (tarfile.CHRTYPE, tarfile.BLKTYPE):
+                info.devmajor, info.devminor = 1, 3
             archive.addfile(info)
     return path
 

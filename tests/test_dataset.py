@@ -1,5 +1,6 @@
 """DatasetSpec validation and version ids, the reading side (load_ref, open_split), and exact
-counts on the real oxford-pets-mini archive."""
+counts on the real shared archives (oxford-pets-mini and PetImages) served over HTTP from
+127.0.0.1."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import OXFORD_MINI
+from conftest import OXFORD_MINI, PETIMAGES
 from pydantic import ValidationError
 
 from data.dataset import (
@@ -24,6 +25,9 @@ from data.dataset import (
 from data.download import ensure
 from data.errors import PermanentError
 
+# From ../shared/datasets/README.md.
+OXFORD_MINI_SHA256 = "5e323a073ce0e71fda305108a81efefa0abf20074e647cb6143273b4221b4229"
+PETIMAGES_SHA256 = "8bbd2356c185cce16913e0db65c3c06162824687d9faae6487f69551adc79639"
 CAT_BREEDS = [
     "Abyssinian",
     "Bengal",
@@ -90,8 +94,11 @@ def test_version_id_covers_every_field_that_changes_the_output(tmp_path):
     assert len(ids) == len(variants) + 1
 
 
-def test_oxford_mini_breed_counts_are_exact(tmp_path):
-    ref = ensure(DatasetSpec(source=str(OXFORD_MINI), image_sizes=[16]), tmp_path, workers=2)
+def test_oxford_mini_breed_counts_are_exact(http_server, tmp_path):
+    url = http_server.add("/pets/images.tar.gz", OXFORD_MINI)
+    spec = DatasetSpec(source=url, checksum=f"sha256:{OXFORD_MINI_SHA256}", image_sizes=[16])
+    ref = ensure(spec, tmp_path / "data", workers=2)
+    assert http_server.count("/pets/images.tar.gz") == 1
     assert ref.label_mode == "breed"
     assert ref.classes == [*CAT_BREEDS, "other"]
     assert ref.counts == {**dict.fromkeys(CAT_BREEDS, 10), "other": 250}
@@ -99,13 +106,36 @@ def test_oxford_mini_breed_counts_are_exact(tmp_path):
     assert manifest.layout == "oxford-pets"
     assert manifest.other_available == 250
     assert manifest.skipped == []
-    assert (
-        manifest.archive.sha256
-        == "5e323a073ce0e71fda305108a81efefa0abf20074e647cb6143273b4221b4229"
-    )
+    assert manifest.archive.checksum_verified and manifest.archive.sha256 == OXFORD_MINI_SHA256
+    assert manifest.archive.bytes == 37_298_939
     # Stratified: round(10 * 0.1) = 1 validation image per breed, 25 of the 250 others.
     assert manifest.split_counts["val"] == {**dict.fromkeys(CAT_BREEDS, 1), "other": 25}
     assert verify_files(Path(ref.root)) == []
+    assert ensure(spec, tmp_path / "data", workers=2) == ref
+    assert http_server.count() == 1
+
+
+def test_petimages_zip_over_http_species_counts_are_exact(http_server, tmp_path):
+    """The real 16k-image PetImages zip, served from 127.0.0.1, at one small size (16 px)."""
+    url = http_server.add("/petimages/kagglecatsanddogs-180px.zip", PETIMAGES)
+    spec = DatasetSpec(
+        source=url, checksum=f"sha256:{PETIMAGES_SHA256}", labels="species", image_sizes=[16]
+    )
+    ref = ensure(spec, tmp_path / "data")
+    assert (ref.label_mode, ref.classes) == ("species", ["cat", "other"])
+    # Cat/666.jpg is absent from the shared copy (README), hence 7,999 cats.
+    assert ref.counts == {"cat": 7999, "other": 8000}
+    manifest = read_manifest(Path(ref.root))
+    assert manifest.layout == "folder"
+    assert manifest.skipped == []
+    assert manifest.archive.checksum_verified and manifest.archive.bytes == 115_424_566
+    images = open_split(ref, 16, "train").images
+    assert images.shape == (15999, 16, 16, 3) and images.dtype == np.uint8
+    assert http_server.count() == 1
+
+    again = ensure(spec, tmp_path / "data")
+    assert again == ref
+    assert http_server.count() == 1  # the second call made zero requests
 
 
 def test_oxford_mini_other_cap_is_a_seeded_subset(tmp_path):

@@ -10,6 +10,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tarfile
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -134,6 +135,8 @@ def test_http_errors_map_to_error_classes(http_server, oxford_tar, tmp_path, sta
     with pytest.raises(error) as caught:
         ensure(DatasetSpec(source=http_server.url("images.tar.gz")), tmp_path / "data", workers=1)
     assert isinstance(caught.value, TransientError) == (status in (503, 429))
+    # Only 404/410 say the source is missing; a 403 is a plain PermanentError (access rights).
+    assert isinstance(caught.value, SourceNotFoundError) == (status == 404)
     assert f"HTTP {status}" in str(caught.value)
     assert http_server.count() == 1
 
@@ -221,13 +224,38 @@ def test_download_file_errors_name_the_url_and_the_callers_way_out(http_server, 
     assert list(dest.parent.iterdir()) == []
 
 
+def test_a_file_url_source_is_read_in_place_and_verified(oxford_tar, tmp_path):
+    data_dir = tmp_path / "data"
+    spec = DatasetSpec(source=oxford_tar.as_uri(), checksum=sha256(oxford_tar), image_sizes=[8])
+    ref = ensure(spec, data_dir, workers=1)
+    assert ref.counts == {"Abyssinian": 4, "British_Shorthair": 4, "other": 6}
+    manifest = read_manifest(Path(ref.root))
+    assert manifest.source == oxford_tar.as_uri()
+    assert manifest.archive.checksum_verified
+    assert not (data_dir / ".downloads").exists()  # read where it lies, never copied
+    with pytest.raises(ChecksumMismatchError):  # and still verified before extraction
+        ensure(spec.model_copy(update={"checksum": "md5:" + "0" * 32}), data_dir, workers=1)
+
+
 def test_missing_local_file_is_permanent(tmp_path):
     with pytest.raises(SourceNotFoundError, match="--source"):
         ensure(DatasetSpec(source=str(tmp_path / "nope.tar.gz")), tmp_path / "data", workers=1)
 
 
-@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink", "zip-dotdot", "zip-symlink"])
-def test_unsafe_members_reject_the_archive(tmp_path, kind):
+@pytest.mark.parametrize(
+    ("kind", "why"),
+    [
+        ("dotdot", "contains '..'"),
+        ("absolute", "is absolute"),
+        ("symlink", "link to '/etc/passwd'"),
+        ("hardlink", "link to 'images/Abyssinian_1.jpg'"),
+        ("device", "device, FIFO"),
+        ("fifo", "device, FIFO"),
+        ("zip-dotdot", "contains '..'"),
+        ("zip-symlink", "link"),
+    ],
+)
+def test_unsafe_members_reject_the_archive(tmp_path, kind, why):
     members = oxford_members(CATS, DOGS)
     if kind == "dotdot":
         archive = write_tar(
@@ -239,6 +267,17 @@ def test_unsafe_members_reject_the_archive(tmp_path, kind):
         archive = write_tar(
             tmp_path / "a.tar.gz", members, symlinks={"images/Bengal_1.jpg": "/etc/passwd"}
         )
+    elif kind == "hardlink":
+        archive = write_tar(
+            tmp_path / "a.tar",
+            members,
+            hardlinks={"images/Bengal_1.jpg": "images/Abyssinian_1.jpg"},
+        )
+    elif kind in ("device", "fifo"):
+        # Zero-sized like a real device member: without the type check it would merely be
+        # skipped as an empty file, so only the refusal makes this test pass.
+        special = tarfile.CHRTYPE if kind == "device" else tarfile.FIFOTYPE
+        archive = write_tar(tmp_path / "a.tar", members, specials={"images/Bengal_1.jpg": special})
     elif kind == "zip-dotdot":
         archive = write_zip(tmp_path / "a.zip", {"../evil.jpg": image_bytes(1), **members})
     else:
@@ -248,8 +287,9 @@ def test_unsafe_members_reject_the_archive(tmp_path, kind):
             link.external_attr = (stat.S_IFLNK | 0o777) << 16
             handle.writestr(link, "/etc/passwd")
     data_dir = tmp_path / "data"
-    with pytest.raises(InvalidArchiveError, match="unsafe archive member"):
+    with pytest.raises(InvalidArchiveError, match="unsafe archive member") as caught:
         ensure(DatasetSpec(source=str(archive)), data_dir, workers=1)
+    assert why in str(caught.value)
     assert published(data_dir) == []
     assert list((data_dir / ".staging").iterdir()) == []
     assert not (tmp_path / "evil.jpg").exists()
