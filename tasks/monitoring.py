@@ -59,6 +59,18 @@ def publish_dataset_summary(ref: DatasetRef) -> None:
         )
 
 
+# What a person can do next, per step: retrying is cheap because every step resumes or reuses.
+_NEXT_STEP = {
+    "ensure_dataset": "Transient network errors were already retried. Fix the source or checksum "
+    "the error names (the flow's `dataset` parameter), then run again: a published version is "
+    "reused and a partial download resumes.",
+    "evaluate": "The trained models are exported in their run dirs: rerun "
+    "`python -m tasks.evaluate` on them, or run the deployment again.",
+    "train": "A training resumes from the newest checkpoint in its run dir: retry the flow run "
+    "(or run the deployment again with the same parameters and run dir) to continue.",
+}
+
+
 def failure_artifact(step: Any, task_run: Any, state: Any) -> None:
     """``on_failure`` hook: a markdown artifact on the failed task run naming it and its error.
 
@@ -67,9 +79,7 @@ def failure_artifact(step: Any, task_run: Any, state: Any) -> None:
     """
     markdown = (
         f"## {step.name} failed\n\n**Task run:** `{task_run.name}`\n\n"
-        f"**Error:** {state.message}\n\n"
-        "A training resumes from the newest checkpoint in its run dir: retry the flow run (or "
-        "run the deployment again with the same parameters and run dir) to continue."
+        f"**Error:** {state.message}\n\n{_NEXT_STEP.get(step.name, _NEXT_STEP['train'])}"
     )
     with get_client(sync_client=True) as client:
         client.create_artifact(
@@ -103,9 +113,11 @@ class ProgressArtifact:
             f"{self.label}: step {p['step']}/{p['total_steps']}, loss {p['loss']:.4f}, "
             f"lr {p['lr']:.2e}, {p['images_per_s']:.1f} img/s"
         )
-        update_progress_artifact(
-            self.artifact_id, 100.0 * p["step"] / max(p["total_steps"], 1), description=text
-        )
+        self.report(100.0 * p["step"] / max(p["total_steps"], 1), text)
+
+    def report(self, percent: float, text: str) -> None:
+        """Set the artifact to ``percent`` (0-100) with ``text`` as its description; log it."""
+        update_progress_artifact(self.artifact_id, percent, description=text)
         self.logger.info(text)
 
 
