@@ -331,6 +331,11 @@ def load_ref(value: str | Path | DatasetRef) -> DatasetRef:
         except ValidationError as exc:
             raise PermanentError(f"not a DatasetRef JSON: {exc}") from exc
     path = Path(text).expanduser()
+    if not path.exists():
+        raise PermanentError(
+            f"dataset {text!r} does not exist; pass a version folder, its reference.json, or the "
+            "DatasetRef JSON printed by `python data/download.py`"
+        )
     root = path if path.is_dir() else path.parent
     manifest = read_manifest(root)
     if manifest is None:

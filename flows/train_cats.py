@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -18,7 +19,7 @@ from prefect import flow
 from prefect.exceptions import ParameterTypeError
 from pydantic import BaseModel, ConfigDict, Field
 
-from data.dataset import DatasetSpec
+from data.dataset import DatasetSpec, default_data_dir, local_path, read_manifest
 from tasks import backend, trainers
 from tasks.backend import DEFAULT_GPU
 from tasks.ensure_dataset import ensure_dataset
@@ -107,12 +108,28 @@ def plan(
                 "pass an http(s):// URL, or upload the archive with `modal volume put "
                 "train-cats-data <file> /archives/` and pass /data/archives/<file>"
             )
+    else:
+        _require_local_source(dataset)
     default_preset = "gpu" if compute.backend == "modal" else "cpu-small"
     presets = {m: training[m].preset or default_preset for m in models}
     sizes = {trainers.build_config(m, presets[m], training[m].overrides).image_size for m in models}
     return dataset.model_copy(
         update={"image_sizes": sorted(sizes | set(dataset.image_sizes))}
     ), presets
+
+
+def _require_local_source(dataset: DatasetSpec) -> None:
+    """A local archive must exist, unless its version is already published (then it is reused
+    without reading the archive)."""
+    if dataset.source.startswith(("http://", "https://")):
+        return
+    if local_path(dataset.source).is_file():
+        return
+    if read_manifest(default_data_dir() / dataset.version_id()) is None:
+        raise ValueError(
+            f"dataset.source {dataset.source!r} is not a file ({local_path(dataset.source)}); "
+            "pass an existing archive path, a file:// URL or an http(s):// URL (--source)"
+        )
 
 
 @flow(
@@ -248,13 +265,21 @@ def _drop_none(value: Any) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m flows.train_cats`` and the ``train-cats`` console script."""
+    """Entry point of ``python -m flows.train_cats`` and the ``train-cats`` console script.
+
+    Exit status: 0 done, 2 invalid parameters (nothing ran), 1 the flow run failed.
+    """
     args = build_parser().parse_args(argv)
+    # The temporary server would otherwise try to send telemetry, which fails offline.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
         params = parameters_from_args(args)
+        if args.deployment:  # report history and deltas per deployment, as on a worker
+            options = params.setdefault("evaluation", {}).setdefault("options", {})
+            options.setdefault("deployment", args.deployment)
         bound = train_cats.validate_parameters(params)
         models = sorted(set(bound.get("models", ["classifier", "dit"])))
-        plan(
+        spec, presets = plan(
             bound.get("dataset", DatasetSpec()),
             models,
             {m: bound.get(m, TrainingParams()) for m in trainers.MODELS},
@@ -265,9 +290,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train-cats: {exc}", file=sys.stderr)
         return 2
     if args.dry_run:
-        print(json.dumps(params, indent=2))
+        resolved = {"dataset": spec.model_dump(mode="json"), "presets": presets}
+        print(json.dumps({"parameters": params, "resolved": resolved}, indent=2))
         return 0
-    print(json.dumps(train_cats(**params), indent=2, default=str))
+    try:
+        summary = train_cats(**params)
+    except Exception as exc:  # Prefect has logged the traceback; end on the one line that matters
+        print(f"train-cats: the flow run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary, indent=2, default=str))
     return 0
 
 

@@ -183,6 +183,9 @@ def test_load_ref_accepts_every_documented_form(oxford_mini_species_ref, tmp_pat
     assert DatasetRef.model_validate_json(ref.model_dump_json()).caches[64] == "images_64.npy"
     with pytest.raises(PermanentError, match="not a published data set version"):
         load_ref(tmp_path)
+    missing = tmp_path / "no-such-version"
+    with pytest.raises(PermanentError, match=f"dataset '{missing}' does not exist"):
+        load_ref(missing)
     with pytest.raises(ValueError, match=r"no cache at 48 px .*\[32, 64\]"):
         open_split(ref, 48, "train")
     with pytest.raises(ValueError, match="'train' or 'val'"):

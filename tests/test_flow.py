@@ -59,6 +59,7 @@ class _NeverRun:
         (["--params", '{"evaluation": {"options": {"cfg": 2}}}'], "unknown evaluation option"),
         (["--gpu", "H100; rm -rf /"], "gpu"),
         (["--source", "ftp://example.org/x.tar"], "unsupported source scheme"),
+        (["--source", "/nonexistent/images.tar.gz"], "dataset.source '/nonexistent/images"),
         (["--deployment", "nightly"], "no deployment 'nightly'"),
         (["--backend", "modal"], "MODAL_TOKEN_ID"),
     ],
@@ -82,17 +83,24 @@ def test_deployment_option_runs_exactly_that_deployments_parameters(capsys):
     assert main(["--deployment", "dit", "--dry-run"]) == 0
     printed = json.loads(capsys.readouterr().out)
     (dit,) = [d for d in PREFECT_YAML["deployments"] if d["name"] == "dit"]
-    assert printed == dit["parameters"] == deployment_parameters("dit")
+    assert dit["parameters"] == deployment_parameters("dit")
+    # Exactly those parameters, plus the deployment name that keys the report history.
+    expected = json.loads(json.dumps(dit["parameters"]))
+    expected["evaluation"]["options"] = {"deployment": "dit"}
+    assert printed["parameters"] == expected
+    # What the run would resolve to: the local default preset and the image size it needs.
+    assert printed["resolved"]["presets"] == {"dit": "cpu-small"}
+    assert 32 in printed["resolved"]["dataset"]["image_sizes"]
 
 
 def test_flags_and_params_merge_over_the_deployment(capsys):
     argv = ["--deployment", "all", "--params", '{"dit": {"overrides": {"steps": 7}}}',
-            "--preset", "cpu-tiny", "--source", "/tmp/x.tar.gz", "--no-evaluate", "--dry-run"]  # fmt: skip
+            "--preset", "cpu-tiny", "--source", str(OXFORD_MINI), "--no-evaluate", "--dry-run"]  # fmt: skip
     assert main(argv) == 0
-    params = json.loads(capsys.readouterr().out)
+    params = json.loads(capsys.readouterr().out)["parameters"]
     assert params["dit"] == {"preset": "cpu-tiny", "overrides": {"steps": 7}}
     assert params["classifier"] == {"preset": "cpu-tiny"}
-    assert params["dataset"] == {"labels": "breed", "max_other": 1000, "source": "/tmp/x.tar.gz"}
+    assert params["dataset"] == {"labels": "breed", "max_other": 1000, "source": str(OXFORD_MINI)}
     assert params["evaluation"]["enabled"] is False
     assert params["models"] == ["classifier", "dit"]
 
@@ -170,3 +178,11 @@ def test_cli_runs_all_in_process_one_training_after_the_other(tmp_path, monkeypa
         }
     assert run.state.is_completed()
     assert tasks["train_classifier"].end_time <= tasks["train_dit"].start_time
+
+
+def test_a_failed_flow_run_ends_on_one_clear_line(tmp_path, capsys):
+    bogus = tmp_path / "images.tar.gz"
+    bogus.write_text("<html>not an archive</html>")
+    assert main(["--deployment", "dit", "--preset", "cpu-tiny", "--source", str(bogus)]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("train-cats: the flow run failed: InvalidArchiveError")
