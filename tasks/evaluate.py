@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from filelock import FileLock
 
 from data.dataset import DatasetRef, load_ref, open_split, sha256_file
+from data.errors import DatasetError
 from models.classifier import Classifier
 from models.flow_matching import SAMPLERS
 from tasks import figures, inception, metrics
@@ -781,8 +782,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    summary = evaluate(
+    """Entry point of ``python -m tasks.evaluate``: bad input exits 2 with one line naming it."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        summary = _evaluate_from_args(args)
+    except (ValueError, FileNotFoundError, DatasetError) as exc:
+        parser.error(str(exc))
+    for name, value in summary["metrics"].items():
+        print(f"{name:45s} {value:.4g}", file=sys.stderr)
+    for name, reason in summary["not_computed"].items():
+        print(f"{name:45s} not computed: {reason}", file=sys.stderr)
+    print(json.dumps(summary))
+    return 0
+
+
+def _evaluate_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    return evaluate(
         args.dataset,
         classifier=args.classifier,
         dit=args.dit,
@@ -804,12 +820,6 @@ def main(argv: list[str] | None = None) -> int:
         device=args.device,
         overwrite=args.overwrite,
     )
-    for name, value in summary["metrics"].items():
-        print(f"{name:45s} {value:.4g}", file=sys.stderr)
-    for name, reason in summary["not_computed"].items():
-        print(f"{name:45s} not computed: {reason}", file=sys.stderr)
-    print(json.dumps(summary))
-    return 0
 
 
 if __name__ == "__main__":

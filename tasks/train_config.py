@@ -18,6 +18,8 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from data.errors import DatasetError
+
 # Changing one of these on resume is allowed. `steps` and `time_budget_minutes` re-plan the LR
 # schedule from the resume point (so a run that changes them is no longer bit-identical to an
 # uninterrupted one, by choice); the rest only change logging, checkpoint cadence, the sample
@@ -163,8 +165,17 @@ def run_cli(
     argv: list[str] | None = None,
 ) -> int:
     """Parse flags, train, and print the result as one JSON line (the last line of stdout, so
-    callers can parse it). Bad flags or configs exit non-zero with argparse's/pydantic's message."""
-    args = build_parser(config_cls, presets, description).parse_args(argv)
-    result = train(config_from_args(config_cls, presets, args), args.dataset, args.run_dir)
+    callers can parse it).
+
+    Bad input (flags, config, dataset, a run dir holding another config) exits with status 2 and
+    one line naming the problem; other failures raise with their traceback.
+    """
+    parser = build_parser(config_cls, presets, description)
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(config_cls, presets, args)
+        result = train(config, args.dataset, args.run_dir)
+    except (ValueError, DatasetError) as exc:  # pydantic's ValidationError is a ValueError
+        parser.error(str(exc))
     print(json.dumps(result, sort_keys=True))
     return 0

@@ -306,6 +306,16 @@ def test_prefect_flow_run_gets_table_markdown_and_link_artifacts(exports, tmp_pa
     )
 
 
+def test_command_line_bad_input_is_one_line_and_status_2(tmp_path):
+    missing = tmp_path / "no-such-version"
+    run = subprocess.run(
+        [sys.executable, "-m", "tasks.evaluate", "--dataset", str(missing), "--dit", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert f"dataset '{missing}' does not exist" in run.stderr.strip().splitlines()[-1]
+
+
 def test_command_line_help_lists_the_options():
     run = subprocess.run(
         [sys.executable, "-m", "tasks.evaluate", "--help"],

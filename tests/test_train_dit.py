@@ -254,4 +254,5 @@ def test_cli_help_and_bad_override():
         text=True,
         env=env,
     )
-    assert bad.returncode != 0 and "steps" in bad.stderr
+    # A usage error: status 2 and argparse's one-line message naming the field, no traceback.
+    assert bad.returncode == 2 and "steps" in bad.stderr and "Traceback" not in bad.stderr
