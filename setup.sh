@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # One-step set-up: a virtual environment in .venv with the project installed (editable) and its
-# dev tools. torch/torchvision are installed first with pip and exact versions, because letting a
-# resolver pick torch downloads gigabytes of CUDA wheels; TORCH_SPEC overrides the pin.
+# dev tools. torch/torchvision are installed first, with pip and exact versions, so that the
+# project install never lets a resolver pick (and download) another torch. The default pins are
+# PyPI's wheels, a CUDA build (~5.5 GB in .venv) that also runs on the CPU; on a CPU-only machine
+# with access to PyTorch's own index, TORCH_SPEC="--index-url https://download.pytorch.org/whl/cpu
+# torch==2.14.1 torchvision==0.29.1" installs the much smaller CPU build instead.
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON="${PYTHON:-python3}"
