@@ -30,7 +30,7 @@ from data import download
 from data.dataset import DatasetSpec, load_ref
 from tasks import evaluate as evaluation
 from tasks import trainers
-from tasks.backend import APP_NAME, DEFAULT_GPU
+from tasks.backend import APP_NAME, DATA_VOLUME, DEFAULT_GPU, RUNS_VOLUME
 
 DATA_MOUNT = PurePosixPath("/data")
 RUNS_MOUNT = PurePosixPath("/runs")
@@ -53,6 +53,8 @@ PIP_PACKAGES = (
     "pydantic==2.14.4",
     "safetensors==0.8.0",
     "torchmetrics==1.9.0",
+    "torch-fidelity==0.4.0",  # torchmetrics pulls it only via its [image] extra
+    "urllib3==2.8.0",
 )
 
 # Modal's ceiling is 24 h per attempt; the trainings' own time budget is the real cap on spend.
@@ -84,8 +86,8 @@ def build_image() -> modal.Image:
 
 app = modal.App(APP_NAME)
 image = build_image()
-data_volume = modal.Volume.from_name("train-cats-data", create_if_missing=True)
-runs_volume = modal.Volume.from_name("train-cats-runs", create_if_missing=True)
+data_volume = modal.Volume.from_name(DATA_VOLUME, create_if_missing=True)
+runs_volume = modal.Volume.from_name(RUNS_VOLUME, create_if_missing=True)
 
 
 class _PeriodicCommit:

@@ -3,23 +3,27 @@
 The file set is computed from the image definition itself (the same objects ``modal deploy``
 uploads), copied alone into a temporary folder that stands for the container's ``/root``, and the
 remote functions' modules are imported and ``data/download.py --help`` is run there, by a Python that
-cannot see the repository. A file missing from the image fails here, not on a GPU at 3 a.m.
+cannot see the repository. Its third-party packages come from a view of the venv's site-packages
+holding only what ``pip install`` of ``PIP_PACKAGES`` (plus Modal's own client) would install: the
+pins' dependency closure. A file or a wheel missing from the image fails here, not on a GPU at 3 a.m.
 """
 
 from __future__ import annotations
 
 import shutil
-import site
 import subprocess
 import sys
 import warnings
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, distribution, version
 from pathlib import Path, PurePosixPath
 
 import modal
 import modal.mount
 import pytest
+import tomllib
 from modal._utils.async_utils import synchronizer
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from tasks import modal_app
 
@@ -27,6 +31,11 @@ REPO = Path(__file__).resolve().parents[1]
 CONTAINER_ROOT = PurePosixPath("/root")
 # The walk below uses Modal internals; they are checked against this exact client version.
 MODAL_VERSION = "1.6.4"
+# pyproject dependencies the image need not pin, and why.
+NOT_PINNED = {
+    "modal": "Modal installs its own client in every container",
+    "pyyaml": "only flows/ imports it (Prefect side); flows/ is not in the image",
+}
 
 
 def remote_functions() -> dict[str, modal.Function]:
@@ -68,6 +77,47 @@ def container_files() -> dict[PurePosixPath, Path]:
     return files
 
 
+def pip_closure(requirements: list[str]) -> list:
+    """The installed distributions ``pip install <requirements>`` would bring, dependencies included.
+
+    Requirements absent from this venv are skipped: they are the CUDA wheels the CPU venv lacks,
+    and a module that is not installed here cannot be imported from the view anyway.
+    """
+    todo = [Requirement(r) for r in requirements]
+    extras_seen: dict[str, set[str]] = {}
+    found = {}
+    while todo:
+        req = todo.pop()
+        name = canonicalize_name(req.name)
+        if name in extras_seen and req.extras <= extras_seen[name]:
+            continue
+        extras_seen.setdefault(name, set()).update(req.extras)
+        try:
+            found[name] = dist = distribution(req.name)
+        except PackageNotFoundError:
+            continue
+        for dep in map(Requirement, dist.requires or []):
+            if dep.marker is None or any(
+                dep.marker.evaluate({"extra": e}) for e in {"", *req.extras}
+            ):
+                todo.append(dep)
+    return list(found.values())
+
+
+@pytest.fixture(scope="module")
+def wheels(tmp_path_factory) -> Path:
+    """A site-packages holding only the pinned wheels' closure, as symlinks into the venv."""
+    view = tmp_path_factory.mktemp("site-packages")
+    for dist in pip_closure([*modal_app.PIP_PACKAGES, f"modal=={modal.__version__}"]):
+        for file in dist.files or []:
+            source = Path(dist.locate_file(file))
+            if file.parts[0] == ".." or not source.is_file():  # scripts in bin/, absent .pyc
+                continue
+            (view / file).parent.mkdir(parents=True, exist_ok=True)
+            (view / file).symlink_to(source)
+    return view
+
+
 @pytest.fixture(scope="module")
 def container(tmp_path_factory) -> Path:
     """A folder holding exactly the image's files, laid out as under the container's /root."""
@@ -80,9 +130,9 @@ def container(tmp_path_factory) -> Path:
 
 
 def _run(args: list[str], cwd: Path, pythonpath: list[Path]) -> subprocess.CompletedProcess:
-    # -S: no site processing, so the editable install's finder (which would quietly import the
-    # repository's copy of any missing module) is not installed; third-party wheels still come
-    # from site-packages via PYTHONPATH.
+    # -S: no site processing, so neither the venv's site-packages nor the editable install's
+    # finder (which would quietly import the repository's copy of any missing module) is on the
+    # path; third-party wheels come from the ``wheels`` view via PYTHONPATH.
     env = {"PYTHONPATH": ":".join(map(str, pythonpath)), "PATH": "/usr/bin:/bin", "HOME": str(cwd)}
     return subprocess.run(
         [sys.executable, "-S", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
@@ -106,13 +156,27 @@ def test_image_carries_the_shared_package_list_and_data_files():
     assert all(p.suffix == ".py" for p, _ in files.items() if p not in dict(modal_app.DATA_FILES))
 
 
-def test_pinned_wheels_match_the_tested_versions():
+def test_every_dependency_is_pinned_in_the_image_at_the_tested_version():
+    pins = {}
     for requirement in modal_app.PIP_PACKAGES:
         name, pinned = requirement.split("==")
         assert version(name) == pinned, f"image pins {requirement}, tests run {version(name)}"
+        pins[canonicalize_name(name)] = pinned
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    for dependency in map(Requirement, project["dependencies"]):
+        name = canonicalize_name(dependency.name)
+        if name not in NOT_PINNED:
+            assert pins.get(name) == version(name), (
+                f"pyproject depends on {name}, so PIP_PACKAGES must pin {name}=={version(name)}"
+            )
 
 
-def test_remote_modules_import_from_the_image_alone(container):
+def test_the_wheels_view_holds_the_pins_and_nothing_unpinned(wheels):
+    assert (wheels / "torch_fidelity" / "__init__.py").is_file()  # pinned, not via an extra
+    assert not (wheels / "pytest").exists() and not (wheels / "ruff").exists()  # dev tools
+
+
+def test_remote_modules_import_from_the_image_alone(container, wheels):
     modules = sorted(
         {synchronizer._translate_in(f)._raw_f.__module__ for f in remote_functions().values()}
     )
@@ -126,23 +190,23 @@ def test_remote_modules_import_from_the_image_alone(container):
         "assert not outside, outside\n"
         "print(len(ours), 'project modules imported')\n"
     )
-    result = _run(["-c", script, str(container)], container, [container, *site.getsitepackages()])
+    result = _run(["-c", script, str(container)], container, [container, wheels])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "project modules imported" in result.stdout
 
 
-def test_download_script_runs_from_the_image_alone(container):
-    result = _run(["data/download.py", "--help"], container, site.getsitepackages())
+def test_download_script_runs_from_the_image_alone(container, wheels):
+    result = _run(["data/download.py", "--help"], container, [wheels])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "--source" in result.stdout
 
 
-def test_a_file_missing_from_the_image_fails_the_check(container, tmp_path):
+def test_a_file_missing_from_the_image_fails_the_check(container, wheels, tmp_path):
     broken = tmp_path / "root"
     shutil.copytree(container, broken)
     (broken / "data" / "download.py").unlink()
-    result = _run(["data/download.py", "--help"], broken, site.getsitepackages())
+    result = _run(["data/download.py", "--help"], broken, [wheels])
     assert result.returncode != 0
-    result = _run(["-c", "import tasks.modal_app"], broken, [broken, *site.getsitepackages()])
+    result = _run(["-c", "import tasks.modal_app"], broken, [broken, wheels])
     assert result.returncode != 0
     assert "data.download" in result.stderr or "download" in result.stderr
