@@ -17,6 +17,8 @@ killed -- cancels every call id the flow run recorded as an artifact.
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from typing import Any
 
 from prefect import get_run_logger
@@ -28,7 +30,12 @@ from prefect.client.schemas.filters import (
     ArtifactFilterKey,
 )
 
+from tasks import monitoring
+
 APP_NAME = "train-cats"
+DATA_VOLUME = "train-cats-data"
+RUNS_VOLUME = "train-cats-runs"
+METRICS = "metrics.jsonl"  # tasks.run_log.METRICS, named here to keep torch out of this module
 # 48 GB, and the best price per DiT-S step of Modal's mid-range cards; any Modal GPU string works.
 DEFAULT_GPU = "L40S"
 CALL_ARTIFACT_PREFIX = "modal-call-"
@@ -78,6 +85,72 @@ def call_from_id(call_id: str) -> Any:
     return modal.FunctionCall.from_id(call_id)
 
 
+def read_volume_file(volume: str, path: str) -> bytes:
+    """The committed content of ``path`` (relative to the volume root) on the named volume.
+
+    Raises:
+        FileNotFoundError: no such file has been committed yet.
+    """
+    import modal
+
+    return b"".join(modal.Volume.from_name(volume).read_file(path))
+
+
+class RemoteTrainingProgress:
+    """Keeps a progress artifact current for a training running on Modal, from the client side.
+
+    Called between polls of the Modal call: it reads the run's ``metrics.jsonl`` from the runs
+    volume (committed by the training every few minutes, ``tasks.modal_app.COMMIT_EVERY_S``) and
+    reports its newest ``train`` row as step/total_steps. Until a row is committed it reports the
+    time since the spawn against the config's time budget (minutes; None: elapsed time only).
+    """
+
+    def __init__(self, label: str, run_name: str, budget_minutes: float | None):
+        self.label = f"{label} (Modal)"
+        self.artifact = monitoring.ProgressArtifact(self.label)
+        self.path = f"{run_name}/{METRICS}"
+        self.budget_s = None if budget_minutes is None else budget_minutes * 60.0
+        self.t0 = time.monotonic()
+
+    def _newest_row(self) -> dict | None:
+        try:
+            text = read_volume_file(RUNS_VOLUME, self.path).decode()
+        except FileNotFoundError:
+            return None
+        except Exception as exc:  # progress is a convenience: a failed read must not fail the step
+            get_run_logger().warning("could not read %s from %s: %s", self.path, RUNS_VOLUME, exc)
+            return None
+        for line in reversed(text.splitlines()):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a commit mid-write
+            if row.get("kind") == "train":
+                return row
+        return None
+
+    def __call__(self) -> None:
+        row = self._newest_row()
+        if row is not None:
+            self.artifact(row)
+            return
+        elapsed_s = time.monotonic() - self.t0
+        percent, of = 0.0, ""
+        if self.budget_s is not None:
+            percent, of = (
+                min(99.0, 100.0 * elapsed_s / self.budget_s),
+                f" of {self.budget_s / 60:g}",
+            )
+        self.artifact.report(
+            percent,
+            f"{self.label}: {elapsed_s / 60:.1f}{of} min since spawn, "
+            "no metrics committed to the volume yet",
+        )
+
+    def finished(self) -> None:
+        self.artifact.report(100.0, f"{self.label}: finished")
+
+
 def _dashboard_url(call: Any) -> str:
     try:
         return call.get_dashboard_url()
@@ -105,14 +178,16 @@ def run_on_modal(
     function_name: str,
     *,
     gpu: str | None = None,
-    poll_s: float = POLL_S,
+    poll_s: float | None = None,
+    watch: Callable[[], None] | None = None,
     **kwargs: Any,
 ) -> Any:
     """Spawn ``function_name(**kwargs)`` on the deployed app, record its call id, wait, return.
 
     The call id goes into a table artifact (key ``modal-call-<function>``) before waiting, so the
-    flow's cancellation hook can find it. An interrupt while waiting (Prefect's cancellation
-    signal, Ctrl-C) cancels the call before it propagates.
+    flow's cancellation hook can find it. ``watch`` (e.g. a ``RemoteTrainingProgress``) is called
+    every ``poll_s`` seconds (default ``POLL_S``) while the call runs. An interrupt while waiting
+    (Prefect's cancellation signal, Ctrl-C) cancels the call before it propagates.
 
     Raises:
         ModalUnavailableError: the app is not deployed (names the ``modal deploy`` command).
@@ -134,11 +209,14 @@ def run_on_modal(
     try:
         while True:
             try:
-                return call.get(timeout=poll_s)
+                return call.get(timeout=poll_s or POLL_S)
             # Only the builtin TimeoutError means "not finished yet"; a remote function that ran
             # out of time raises modal.exception.FunctionTimeoutError, which must propagate.
             except TimeoutError:
-                logger.info("Modal call %s still running", call.object_id)
+                if watch is None:
+                    logger.info("Modal call %s still running", call.object_id)
+                else:
+                    watch()
     except Exception:
         raise  # the remote function failed (or the poll did): nothing of ours left to stop here
     except BaseException:  # cancellation (Prefect's TerminationSignal), Ctrl-C, exit

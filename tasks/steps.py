@@ -1,8 +1,9 @@
 """Prefect tasks for training and evaluation, on the local machine or on Modal.
 
 Each task translates its arguments, picks the backend, and leaves artifacts a person can read in the
-Prefect UI: live progress (local training), the call id (Modal), a metrics table, links to the
-exported files, and on failure a markdown note saying what failed and how to resume.
+Prefect UI: live progress (on Modal, read from the runs volume), the call id (Modal), a metrics
+table, links to the exported files, and on failure a markdown note saying what failed and how to
+resume.
 """
 
 from __future__ import annotations
@@ -65,14 +66,19 @@ def _train(
     logger = get_run_logger()
     config = trainers.build_config(model, preset, overrides)  # fail here, not in a GPU container
     if backend_name == "modal":
+        progress = backend.RemoteTrainingProgress(
+            f"{model} · {preset}", run_name, config.time_budget_minutes
+        )
         result = backend.run_on_modal(
             f"train_{model}",
             gpu=gpu,
+            watch=progress,
             dataset=json.dumps(dataset),
             run_name=run_name,
             preset=preset,
             overrides=json.dumps(overrides),
         )
+        progress.finished()
         monitoring.publish_training(model, result, "volume train-cats-runs")
         return result
     run_dir = trainers.run_path(run_name)

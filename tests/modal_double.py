@@ -4,7 +4,9 @@
 `.spawn(**kwargs)` runs `tasks.modal_app.<name>.local(**kwargs)`, in a worker thread (so the test
 can record volume commits/reloads in-process) or in a child process (so `cancel()` really stops
 the work, like Modal stopping a container). The volumes are plain folders: the storage roots that
-the image's environment points at `/data` and `/runs` point at them instead.
+the image's environment points at `/data` and `/runs` point at them instead, and
+`ModalDouble.read_file` (standing in for `modal.Volume.from_name(...).read_file`) reads them.
+Commit visibility is not modelled: a client-side read sees the files as the function left them.
 """
 
 from __future__ import annotations
@@ -121,6 +123,11 @@ class ModalDouble:
                 return call
 
         return _Function()
+
+    def read_file(self, volume: str, path: str) -> bytes:
+        """Stands in for `b"".join(modal.Volume.from_name(volume).read_file(path))`."""
+        roots = {"train-cats-data": "TRAIN_CATS_DATA_DIR", "train-cats-runs": "TRAIN_CATS_RUNS_DIR"}
+        return (Path(self.env[roots[volume]]) / path).read_bytes()  # FileNotFoundError, as Modal
 
     def from_id(self, call_id: str) -> FakeCall:
         return next(c for c in self.calls if c.object_id == call_id)

@@ -21,6 +21,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
     ArtifactFilterFlowRunId,
+    ArtifactFilterType,
     FlowFilter,
     FlowFilterName,
     FlowRunFilter,
@@ -78,11 +79,53 @@ def test_functions_declare_volumes_gpu_retries_and_single_use_containers():
     assert str(modal_app.DATA_MOUNT) in infos["ensure_dataset"].volumes
 
 
+class _ProgressWatcher:
+    """Reads the progress artifacts through the Prefect API while the flow runs. Each remote
+    training is held at its first metrics row (with a timeout) until a progress artifact showing
+    that row from the volume has been seen, so the check does not race the tiny trainings."""
+
+    def __init__(self, models: tuple[str, ...]):
+        self.seen: dict[str, tuple[float, str]] = {}
+        self.released = {m: threading.Event() for m in models}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+
+    def _poll(self) -> None:
+        with get_client(sync_client=True) as client:
+            while not self.stop.is_set():
+                for artifact in client.read_artifacts(
+                    artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"]))
+                ):
+                    text, value = artifact.description or "", float(artifact.data)
+                    model = text.split(" ", 1)[0]
+                    if model in self.released and "(Modal): step" in text and 0 < value < 100:
+                        self.seen.setdefault(model, (value, text))
+                        self.released[model].set()
+                time.sleep(0.1)
+
+    def gated_commit(self) -> type:
+        """A `_PeriodicCommit` that holds its training (the double's thread is named after the
+        function) until the watcher has seen that training's progress from the volume."""
+        released = self.released
+
+        class GatedCommit(modal_app._PeriodicCommit):
+            def __call__(self, progress: dict) -> None:
+                super().__call__(progress)
+                released[threading.current_thread().name.removeprefix("train_")].wait(60)
+
+        return GatedCommit
+
+
 def test_modal_backend_runs_each_step_remotely_with_volume_discipline(
     volumes, monkeypatch, http_server
 ):
     double = ModalDouble(volumes["env"])
     monkeypatch.setattr(backend, "lookup", double.resolve)
+    monkeypatch.setattr(backend, "read_volume_file", double.read_file)
+    monkeypatch.setattr(backend, "POLL_S", 0.2)
+    watcher = _ProgressWatcher(("classifier", "dit"))
+    monkeypatch.setattr(modal_app, "_PeriodicCommit", watcher.gated_commit())
     http_server.add("/images.tar.gz", OXFORD_MINI)  # a Modal container reads sources by URL
     state = train_cats(
         dataset={"source": http_server.url("/images.tar.gz"), "labels": "species", "image_sizes": [32],
@@ -94,8 +137,18 @@ def test_modal_backend_runs_each_step_remotely_with_volume_discipline(
         evaluation={"samples_per_class": 2},
         return_state=True,
     )  # fmt: skip
+    watcher.stop.set()
+    watcher.thread.join()
     assert state.is_completed(), state.message
     summary = state.result()
+
+    # Progress: while each training ran, its artifact showed a step read from metrics.jsonl on
+    # the runs volume; once the call returned, it reads 100.
+    assert sorted(watcher.seen) == ["classifier", "dit"], watcher.seen
+    for model, (value, text) in watcher.seen.items():
+        assert 0 < value < 100 and f"{model} · cpu-tiny (Modal): step " in text, text
+    progress = [a for a in _artifacts(state.state_details.flow_run_id) if a.type == "progress"]
+    assert sorted(float(a.data) for a in progress) == [100.0, 100.0], progress
 
     # Arguments: every step ran on Modal, on the requested GPU, with JSON-able arguments.
     by_name = {c.name: c for c in double.calls}
