@@ -3,7 +3,9 @@
 
 The dataset is the shared oxford-pets-mini archive served by a real HTTP server on 127.0.0.1; the
 storage roots come from the worker's environment and point into this test's temporary folder.
-The screenshot is saved under tests/output/ (its path is printed).
+The evaluation's markdown artifact (sample grid and confusion matrix inline as `data:` URIs) is
+opened on its own page to check that the images really decode. The screenshots are saved under
+tests/output/ (their paths are printed).
 """
 
 from __future__ import annotations
@@ -142,10 +144,15 @@ def _post(stack, path: str, body: dict) -> list[dict]:
     return response.json()
 
 
-def _check_flow_run_page(url: str) -> list[Path]:
-    """Open the flow-run page, click its Task Runs and Artifacts tabs, assert what they list."""
+def _check_ui(base: str, flow_run_id: str, report_id: str) -> list[Path]:
+    """Open the flow-run page, click its Task Runs and Artifacts tabs, assert what they list; then
+    open the evaluation's markdown artifact and assert its inline images are decoded."""
     OUTPUT.mkdir(exist_ok=True)
-    shots = [OUTPUT / "e2e-flow-run-task-runs.png", OUTPUT / "e2e-flow-run-artifacts.png"]
+    shots = [
+        OUTPUT / "e2e-flow-run-task-runs.png",
+        OUTPUT / "e2e-flow-run-artifacts.png",
+        OUTPUT / "e2e-evaluation-report.png",
+    ]
     with tempfile.TemporaryDirectory() as profile, sync_playwright() as p:
         browser = p.chromium.launch_persistent_context(
             profile,
@@ -155,7 +162,7 @@ def _check_flow_run_page(url: str) -> list[Path]:
             viewport={"width": 1500, "height": 1100},
         )
         page = browser.new_page()
-        page.goto(url)
+        page.goto(f"{base}/runs/flow-run/{flow_run_id}")
         page.get_by_text("Task Runs", exact=True).first.click()
         for name in ("ensure_dataset", "train_dit · cpu-tiny", "evaluate · dit"):
             page.get_by_text(name).first.wait_for(timeout=30_000)
@@ -164,7 +171,21 @@ def _check_flow_run_page(url: str) -> list[Path]:
         for key in ("dit-metrics", "dit-files", "dataset-summary"):
             page.get_by_text(key).first.wait_for(timeout=30_000)
         page.screenshot(path=shots[1], full_page=True)
+        page.goto(f"{base}/artifacts/artifact/{report_id}")
+        image = page.locator('img[src^="data:image/png;base64,"]').first
+        image.wait_for(timeout=30_000)
+        # naturalWidth > 0 only once the browser has decoded the picture, not for a broken image.
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('img[src^=\"data:image/png\"]')]"
+            ".some(img => img.complete && img.naturalWidth > 0)",
+            timeout=30_000,
+        )
+        decoded = page.eval_on_selector_all(
+            'img[src^="data:image/png"]', "imgs => imgs.map(img => img.naturalWidth)"
+        )
+        page.screenshot(path=shots[2], full_page=True)
         browser.close()
+    assert decoded and all(width > 0 for width in decoded), decoded
     assert all(shot.stat().st_size > 10_000 for shot in shots)
     return shots
 
@@ -192,6 +213,10 @@ def test_deployment_runs_end_to_end_and_the_ui_shows_it(stack):
     types = {a["type"] for a in artifacts}
     assert "progress" in types and "table" in types and "markdown" in types, types
     assert {"dit-metrics", "dit-files"} <= keys, keys
+    (report,) = [
+        a for a in artifacts if a["type"] == "markdown" and (a["key"] or "").endswith("eval-report")
+    ]
+    assert "data:image/png;base64," in report["data"]
 
     exports = list((stack["root"] / "runs").glob("*/dit/model.safetensors"))
     assert len(exports) == 1, exports
@@ -209,6 +234,7 @@ def test_deployment_runs_end_to_end_and_the_ui_shows_it(stack):
     assert second["state_type"] == "COMPLETED"
     assert stack["files"].count("/images.tar.gz") == before == 1
 
-    # The Prefect UI, in headless Chromium: the run's task runs and artifacts are on its page.
-    shots = _check_flow_run_page(f"http://127.0.0.1:{stack['port']}/runs/flow-run/{first['id']}")
+    # The Prefect UI, in headless Chromium: the run's task runs and artifacts are on its page, and
+    # the evaluation report's inline pictures render.
+    shots = _check_ui(f"http://127.0.0.1:{stack['port']}", first["id"], report["id"])
     print("UI screenshots:", *map(str, shots))
