@@ -183,6 +183,7 @@ def _check_ui(base: str, flow_run_id: str, report_id: str) -> list[Path]:
         decoded = page.eval_on_selector_all(
             'img[src^="data:image/png"]', "imgs => imgs.map(img => img.naturalWidth)"
         )
+        image.scroll_into_view_if_needed()  # the page scrolls inside a container, not the body
         page.screenshot(path=shots[2], full_page=True)
         browser.close()
     assert decoded and all(width > 0 for width in decoded), decoded
