@@ -278,8 +278,10 @@ def _history_entry(report_dir: Path) -> str:
     return str(report_dir.relative_to(root)) if report_dir.is_relative_to(root) else str(report_dir)
 
 
-def _previous_report(deployment: str, exclude: Path) -> Path | None:
-    """The newest still-readable report in the deployment's history, other than `exclude`."""
+def _previous_report(deployment: str, exclude: Path, classes: list[str]) -> Path | None:
+    """The newest still-readable report in the deployment's history, other than `exclude`, whose
+    dataset has the same classes: a run of the same deployment on other data (say, species
+    instead of breeds) has metrics that cannot be compared, so it never counts as "previous"."""
     history = reports_dir(deployment) / HISTORY
     if not history.is_file():
         return None
@@ -288,8 +290,14 @@ def _previous_report(deployment: str, exclude: Path) -> Path | None:
             folder = runs_root() / json.loads(line)["report_dir"]
         except (ValueError, KeyError, TypeError):
             continue
-        if folder.resolve() != exclude.resolve() and (folder / REPORT_JSON).is_file():
-            return folder / REPORT_JSON
+        path = folder / REPORT_JSON
+        if folder.resolve() == exclude.resolve() or not path.is_file():
+            continue
+        try:
+            if load_report(path).dataset.classes == classes:
+                return path
+        except ValueError:  # unreadable or of another schema: skip it like a missing one
+            continue
     return None
 
 
@@ -432,7 +440,7 @@ def evaluate(
         if not previous_path.is_file():
             raise FileNotFoundError(f"previous report {previous_path} not found")
     else:
-        previous_path = _previous_report(deployment, exclude=out)
+        previous_path = _previous_report(deployment, exclude=out, classes=ref.classes)
     torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from PIL import Image
 from tasks import inception
 from tasks.evaluate import (
     ClassifierUnderTest,
+    _append_history,
     _export_config,
     _split_images,
     classifier_metrics,
@@ -253,6 +255,16 @@ def test_report_round_trips_through_json_and_shows_deltas_and_regressions(
     )
     assert third["regressions"] == ["classifier.accuracy"]
     assert "**regression**" in Path(third["report_md"]).read_text()
+    # The same deployment run on other data (here: other classes) is newer in the history but
+    # not comparable, so the next report is compared with the last comparable one.
+    other = Path(second["report_dir"]).with_name("other-data")
+    shutil.copytree(second["report_dir"], other)
+    doctored = load_report(other)
+    doctored.dataset.classes = ["Bengal", "Sphynx", "other"]
+    (other / "report.json").write_text(doctored.model_dump_json())
+    _append_history("nightly", other, doctored.created_at)
+    fourth = evaluate(ref, classifier, None, deployment="nightly", **FAST)
+    assert load_report(fourth["report_dir"]).previous_report == third["report_json"]
 
 
 def test_bad_input_is_rejected_before_any_work(exports, tmp_path):
