@@ -45,6 +45,7 @@ def is_transient(task: Any, task_run: Any, state: Any) -> bool:
 
 @task(
     name="ensure_dataset",
+    task_run_name="ensure_dataset · {spec.labels}",
     retries=RETRIES,
     retry_delay_seconds=exponential_backoff(backoff_factor=RETRY_BACKOFF_S),
     retry_jitter_factor=RETRY_JITTER_FACTOR,

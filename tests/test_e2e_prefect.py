@@ -164,7 +164,7 @@ def _check_ui(base: str, flow_run_id: str, report_id: str) -> list[Path]:
         page = browser.new_page()
         page.goto(f"{base}/runs/flow-run/{flow_run_id}")
         page.get_by_text("Task Runs", exact=True).first.click()
-        for name in ("ensure_dataset", "train_dit · cpu-tiny", "evaluate · dit"):
+        for name in ("ensure_dataset · breed", "train_dit · cpu-tiny", "evaluate · dit"):
             page.get_by_text(name).first.wait_for(timeout=30_000)
         page.screenshot(path=shots[0], full_page=True)
         page.get_by_text("Artifacts", exact=True).first.click()
