@@ -65,7 +65,8 @@ def read_export(path: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], d
 
     Raises:
         FileNotFoundError: naming the missing file.
-        ValueError: the export is of another kind (e.g. a classifier passed to `load_dit`).
+        ValueError: a damaged file (unreadable JSON or safetensors, named), or an export of
+            another kind (e.g. a classifier passed to `load_dit`).
     """
     folder = Path(path)
     if folder.is_file():
@@ -75,7 +76,41 @@ def read_export(path: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], d
             raise FileNotFoundError(
                 f"{folder / name} not found: pass a finished run dir holding {WEIGHTS} and {CONFIG}"
             )
-    config = json.loads((folder / CONFIG).read_text())
-    if config.get("kind") != kind:
-        raise ValueError(f"{folder} holds a {config.get('kind')!r} export, expected {kind!r}")
-    return load_file(str(folder / WEIGHTS)), config
+    try:
+        config = json.loads((folder / CONFIG).read_text())
+    except ValueError as exc:
+        raise ValueError(
+            f"{folder / CONFIG} is not valid JSON ({exc}); re-export or retrain"
+        ) from exc
+    if not isinstance(config, dict) or config.get("kind") != kind:
+        found = config.get("kind") if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"{folder} holds a {found!r} export, expected {kind!r}")
+    try:
+        weights = load_file(str(folder / WEIGHTS))
+    except Exception as exc:  # safetensors raises its own (Rust) error type for damaged files
+        raise ValueError(
+            f"{folder / WEIGHTS} is not a readable safetensors file ({exc}); re-export or retrain"
+        ) from exc
+    return weights, config
+
+
+def load_weights(
+    model: torch.nn.Module, weights: dict[str, torch.Tensor], path: str | Path
+) -> None:
+    """`model.load_state_dict(weights, strict=True)`, failing with a ValueError that names the
+    export when its weights do not fit the architecture its `config.json` describes."""
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(
+            f"{path}: {WEIGHTS} does not fit the architecture in {CONFIG} ({exc}); "
+            "re-export or retrain"
+        ) from exc
+
+
+def require_consistent(path: str | Path, checks: dict[str, tuple[Any, Any]]) -> None:
+    """Raise a ValueError naming every `name: (a, b)` pair of `config.json` fields that disagree
+    (a hand-edited or mixed-up export would otherwise load and sample at the wrong size)."""
+    bad = [f"{name}: {a!r} != {b!r}" for name, (a, b) in checks.items() if a != b]
+    if bad:
+        raise ValueError(f"{path}: {CONFIG} contradicts itself ({'; '.join(bad)}); re-export")

@@ -35,7 +35,13 @@ from models.classifier import (
     build_classifier,
 )
 from tasks.budget import TimeBudget
-from tasks.export import plain_state_dict, read_export, write_export
+from tasks.export import (
+    load_weights,
+    plain_state_dict,
+    read_export,
+    require_consistent,
+    write_export,
+)
 from tasks.loader import PackedBatches, Split, iter_batches
 from tasks.run_log import Progress
 from tasks.runtime import autocast, build_adamw, maybe_compile, pick_device, seed_everything
@@ -286,13 +292,16 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Cla
     Raises FileNotFoundError / ValueError as `tasks.export.read_export`.
     """
     weights, config = read_export(path, "classifier")
+    require_consistent(
+        path, {"num_classes vs len(classes)": (config["num_classes"], len(config["classes"]))}
+    )
     model = build_classifier(
         config["backbone"],
         config["num_classes"],
         pretrained=False,
         small_input_stem=config["small_input_stem"],
     )
-    model.load_state_dict(weights, strict=True)
+    load_weights(model, weights, path)
     model.classes = list(config["classes"])
     model.export_config = config
     return model.to(device).eval()

@@ -32,7 +32,13 @@ from models.flow_matching import EMA, SAMPLERS, flow_matching_loss
 from models.flow_matching import sample as integrate
 from tasks import checkpoint as ckpt
 from tasks.budget import TimeBudget
-from tasks.export import plain_state_dict, read_export, write_export
+from tasks.export import (
+    load_weights,
+    plain_state_dict,
+    read_export,
+    require_consistent,
+    write_export,
+)
 from tasks.loader import PackedBatches
 from tasks.run_log import Progress
 from tasks.runtime import autocast, build_adamw, maybe_compile, pick_device, seed_everything
@@ -333,8 +339,16 @@ def load_dit(path: str | Path, device: str | torch.device = "cpu") -> DiT:
     attributes. Raises FileNotFoundError / ValueError as `tasks.export.read_export`.
     """
     weights, config = read_export(path, "dit")
-    model = DiT(**config["arch"])
-    model.load_state_dict(weights, strict=True)
+    arch = config["arch"]
+    require_consistent(
+        path,
+        {
+            "arch.input_size vs image_size": (arch["input_size"], config["image_size"]),
+            "arch.num_classes vs len(classes)": (arch["num_classes"], len(config["classes"])),
+        },
+    )
+    model = DiT(**arch)
+    load_weights(model, weights, path)
     model.classes = list(config["classes"])
     model.export_config = config
     return model.to(device).eval()

@@ -105,6 +105,42 @@ def test_load_dit_and_sample_in_a_fresh_process(trained, tmp_path):
         sample(model, ["dog"], 1)
 
 
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("truncate-weights", r"model\.safetensors is not a readable safetensors file"),
+        ("truncate-config", r"config\.json is not valid JSON"),
+        ("patch-size", r"model\.safetensors does not fit the architecture in config\.json"),
+        ("input-size", r"arch\.input_size vs image_size: 64 != 32"),
+        ("classes", r"arch\.num_classes vs len\(classes\): 2 != 1"),
+    ],
+)
+def test_a_damaged_or_inconsistent_export_fails_naming_the_file(trained, tmp_path, damage, message):
+    """The old codebase's evaluation could not load its own checkpoints; here a broken export
+    is refused with an error naming the file, never loaded at the wrong size or silently."""
+    export = tmp_path / "export"
+    export.mkdir()
+    for name in ("model.safetensors", "config.json"):
+        shutil.copy(Path(trained[0]["run_dir"]) / name, export / name)
+    load_dit(export)  # the intact copy loads
+    config = json.loads((export / "config.json").read_text())
+    if damage == "truncate-weights":
+        data = (export / "model.safetensors").read_bytes()
+        (export / "model.safetensors").write_bytes(data[: len(data) // 2])
+    elif damage == "truncate-config":
+        (export / "config.json").write_text((export / "config.json").read_text()[:80])
+    else:
+        if damage == "patch-size":
+            config["arch"]["patch_size"] = 8
+        elif damage == "input-size":
+            config["arch"]["input_size"] = 64
+        else:
+            config["classes"] = config["classes"][:1]
+        (export / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        load_dit(export)
+
+
 def test_exact_resume_after_sigkill(trained, oxford_mini_species_ref, tmp_path):
     """30 steps in one go (the `trained` run) == 15 steps, SIGKILL at step 20, then a resume
     from the step-15 checkpoint by the command line in a new process."""
