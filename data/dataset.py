@@ -319,15 +319,15 @@ def load_ref(value: str | Path | DatasetRef) -> DatasetRef:
     elsewhere (a Modal volume at /data) still resolves.
 
     Raises:
-        PermanentError: the path is not a published version (missing or invalid manifest), or the
-            JSON is not a DatasetRef.
+        PermanentError: the path (or the reference's root) is not a published version (missing or
+            invalid manifest), or the JSON is not a DatasetRef.
     """
     if isinstance(value, DatasetRef):
-        return value
+        return _published(value)
     text = str(value).strip()
     if text.startswith("{"):
         try:
-            return DatasetRef.model_validate_json(text)
+            return _published(DatasetRef.model_validate_json(text))
         except ValidationError as exc:
             raise PermanentError(f"not a DatasetRef JSON: {exc}") from exc
     path = Path(text).expanduser()
@@ -344,6 +344,17 @@ def load_ref(value: str | Path | DatasetRef) -> DatasetRef:
             "publish one with `python data/download.py`"
         )
     return manifest.to_ref(root)
+
+
+def _published(ref: DatasetRef) -> DatasetRef:
+    """`ref` itself, once its root holds a valid manifest: a reference is only as good as the
+    folder it points at (a half-built or deleted one must never be read)."""
+    if read_manifest(Path(ref.root)) is None:
+        raise PermanentError(
+            f"{ref.root} (version {ref.version}) is not a published data set version (no valid "
+            f"{MANIFEST_NAME}); publish it again with `python data/download.py`"
+        )
+    return ref
 
 
 @dataclass(frozen=True)

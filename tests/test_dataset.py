@@ -186,6 +186,16 @@ def test_load_ref_accepts_every_documented_form(oxford_mini_species_ref, tmp_pat
     missing = tmp_path / "no-such-version"
     with pytest.raises(PermanentError, match=f"dataset '{missing}' does not exist"):
         load_ref(missing)
+    # A reference (object or JSON) whose folder holds no valid manifest, like a half-built
+    # staging copy, is refused too: the check follows the folder, not the form of the input.
+    half = tmp_path / "half-built"
+    half.mkdir()
+    for name in ("images_32.npy", "labels.npy", "split.npy"):
+        (half / name).symlink_to(root / name)
+    stale = ref.model_copy(update={"root": str(half)})
+    for form in (stale, stale.model_dump_json()):
+        with pytest.raises(PermanentError, match="is not a published data set version"):
+            load_ref(form)
     with pytest.raises(ValueError, match=r"no cache at 48 px .*\[32, 64\]"):
         open_split(ref, 48, "train")
     with pytest.raises(ValueError, match="'train' or 'val'"):

@@ -115,14 +115,14 @@ def test_time_budget_finishes_with_exports_inside_it(oxford_mini_species_ref, tm
     assert "val_accuracy" in result["metrics"]
 
 
-def test_bad_configs_fail_early_naming_the_field(oxford_mini_species_ref):
+def test_bad_configs_fail_early_naming_the_field(oxford_mini_species_ref, tmp_path):
     with pytest.raises(ValidationError, match=r"backbone\n.*unknown backbone 'resnet9'"):
         tiny(backbone="resnet9")
     with pytest.raises(ValidationError, match=r"steps\n"):
         tiny(steps=0)
-    ghost = oxford_mini_species_ref.model_copy(update={"root": "/nonexistent"})
     with pytest.raises(ValueError, match=r"image_size=224: dataset .* has caches at \[32, 64\]"):
-        train_classifier(tiny(image_size=224), ghost, "/nonexistent/run")
+        train_classifier(tiny(image_size=224), oxford_mini_species_ref, tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # refused before any work
     help_text = subprocess.run(
         [sys.executable, "-m", "tasks.train_classifier", "--help"],
         cwd=REPO,

@@ -249,17 +249,17 @@ def test_time_budget_finishes_with_exports_inside_it(oxford_mini_species_ref, tm
         assert Path(result["files"][key]).is_file()
 
 
-def test_bad_configs_fail_early_naming_the_field(oxford_mini_species_ref):
+def test_bad_configs_fail_early_naming_the_field(oxford_mini_species_ref, tmp_path):
     with pytest.raises(ValidationError, match=r"patch_size=3 must divide input_size=32"):
         tiny(patch_size=3)
     with pytest.raises(ValidationError, match=r"steps\n.*greater than or equal to 1"):
         tiny(steps=0)
     with pytest.raises(ValidationError, match=r"arch='DiT-Q/4' is unknown"):
         tiny(arch="DiT-Q/4")
-    # No cache at 48 px: refused before any file is opened (the root does not even exist).
-    ghost = oxford_mini_species_ref.model_copy(update={"root": "/nonexistent"})
+    # No cache at 48 px: refused before any work (not even the run dir is created).
     with pytest.raises(ValueError, match=r"image_size=48: dataset .* has caches at \[32, 64\]"):
-        train_dit(tiny(image_size=48), ghost, "/nonexistent/run")
+        train_dit(tiny(image_size=48), oxford_mini_species_ref, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_cli_help_and_bad_override():
