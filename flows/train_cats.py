@@ -113,9 +113,10 @@ def plan(
     default_preset = "gpu" if compute.backend == "modal" else "cpu-small"
     presets = {m: training[m].preset or default_preset for m in models}
     sizes = {trainers.build_config(m, presets[m], training[m].overrides).image_size for m in models}
-    return dataset.model_copy(
-        update={"image_sizes": sorted(sizes | set(dataset.image_sizes))}
-    ), presets
+    # Validated again (model_copy would not), so a trained size beyond the spec's bounds is
+    # refused here, naming the field, instead of packing a gigantic cache.
+    spec = {**dataset.model_dump(), "image_sizes": sorted(sizes | set(dataset.image_sizes))}
+    return DatasetSpec.model_validate(spec), presets
 
 
 def _require_local_source(dataset: DatasetSpec) -> None:
@@ -189,6 +190,8 @@ def train_cats(
 
 # --------------------------------------------------------------------------- command line
 
+FLOW_PARAMETERS = tuple(inspect.signature(train_cats.fn).parameters)
+
 
 def deployment_parameters(name: str, path: Path = PREFECT_YAML) -> dict[str, Any]:
     """The ``parameters`` of deployment ``name`` (e.g. ``"dit"``) in ``prefect.yaml``.
@@ -244,7 +247,16 @@ def parameters_from_args(args: argparse.Namespace) -> dict[str, Any]:
     params = deployment_parameters(args.deployment) if args.deployment else {}
     if args.params:
         text = Path(args.params[1:]).read_text() if args.params.startswith("@") else args.params
-        params = _merge(params, json.loads(text))
+        try:
+            extra = json.loads(text)
+        except ValueError as exc:
+            raise ValueError(f"--params is not valid JSON: {exc}") from exc
+        if not isinstance(extra, dict) or not set(extra) <= set(FLOW_PARAMETERS):
+            raise ValueError(
+                f"--params must be a JSON object whose keys are flow parameters {FLOW_PARAMETERS}; "
+                f"got {text[:200]}"
+            )
+        params = _merge(params, extra)
     flags: dict[str, Any] = {
         "dataset": {"source": args.source, "checksum": args.checksum, "labels": args.labels},
         "compute": {"backend": args.backend, "gpu": args.gpu},

@@ -60,6 +60,13 @@ class _NeverRun:
         (["--gpu", "H100; rm -rf /"], "gpu"),
         (["--source", "ftp://example.org/x.tar"], "unsupported source scheme"),
         (["--source", "/nonexistent/images.tar.gz"], "dataset.source '/nonexistent/images"),
+        (["--params", "[1, 2]"], "--params must be a JSON object"),
+        (["--params", '{"bogus": 1}'], "--params must be a JSON object whose keys are flow"),
+        (["--params", "{bad json"], "--params is not valid JSON"),
+        (
+            ["--params", '{"dit": {"overrides": {"image_size": 4096}}}'],
+            "less than or equal to 1024",
+        ),
         (["--deployment", "nightly"], "no deployment 'nightly'"),
         (["--backend", "modal"], "MODAL_TOKEN_ID"),
     ],
