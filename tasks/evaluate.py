@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import shutil
@@ -62,6 +63,8 @@ from tasks.report import (
 from tasks.train_classifier import load_classifier
 from tasks.train_dit import load_dit, sample
 from tasks.trainers import runs_root
+
+log = logging.getLogger(__name__)
 
 HISTORY = "history.jsonl"
 DEFAULT_DEPLOYMENT = "local"
@@ -456,6 +459,7 @@ def evaluate(
             kid_subsets=kid_subsets, batch_size=batch_size, device=torch_device,
         )  # fmt: skip
         _run(ref, clf_export, dit_export, stage, report, opts)
+        report.notes += _other_version_notes(report, ref.version)
         if previous_path is not None:
             before = load_report(previous_path)
             report.previous_report = str(previous_path)
@@ -638,6 +642,21 @@ def _add_feature_metrics(
             f"samples and real images ({report.dit.image_size} px) are resized to the "
             f"classifier's {clf.image_size} px before feature extraction"
         )
+
+
+def _other_version_notes(report: Report, version: str) -> list[str]:
+    """A model trained on another version of the data may have trained on some of these held-out
+    images (the split is per version), which inflates its scores: say so in the report."""
+    notes = []
+    for model in (report.classifier, report.dit):
+        if model is not None and model.dataset_version not in (None, version):
+            notes.append(
+                f"the {model.kind} was trained on dataset {model.dataset_version}, not on the "
+                f"evaluated {version}: held-out images may include its training images, so its "
+                "figures can be inflated; evaluate on the version it was trained on"
+            )
+            log.warning(notes[-1])
+    return notes
 
 
 def _few_samples_note(space: str, n: int, d: int) -> str:

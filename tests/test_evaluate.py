@@ -17,8 +17,11 @@ from unittest import mock
 
 import pytest
 import torch
+from conftest import OXFORD_MINI
 from PIL import Image
 
+from data.dataset import DatasetSpec
+from data.download import ensure
 from tasks import inception
 from tasks.evaluate import (
     ClassifierUnderTest,
@@ -349,3 +352,22 @@ def test_overwrite_replaces_a_report_whole_and_never_compares_it_with_itself(exp
     assert not (out / "stale.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]  # no staging or old copies
     assert load_report(out).previous_report is None  # its own earlier version is not "previous"
+
+
+def test_a_model_trained_on_another_dataset_version_is_flagged(exports, tmp_path, no_inception):
+    """Splits are per version: another version's held-out images may be this classifier's
+    training images, so the report must say its figures can be inflated."""
+    ref, classifier, _ = exports
+    same = load_report(evaluate(ref, classifier, out=tmp_path / "same")["report_dir"])
+    assert not any("was trained on dataset" in note for note in same.notes)
+    other_spec = DatasetSpec(
+        source=str(OXFORD_MINI), labels="species", image_sizes=[64], val_fraction=0.3
+    )
+    other = ensure(other_spec, tmp_path / "data", workers=1)
+    assert other.version != ref.version
+    flagged = load_report(evaluate(other, classifier, out=tmp_path / "other")["report_dir"])
+    assert any(
+        f"classifier was trained on dataset {ref.version}, not on the evaluated {other.version}"
+        in note
+        for note in flagged.notes
+    ), flagged.notes
