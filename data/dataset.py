@@ -389,7 +389,8 @@ def open_split(
 
     Raises:
         ValueError: unknown split name, or no cache at that size (the message lists the sizes there).
-        PermanentError: `ref` does not resolve to a published version.
+        PermanentError: `ref` does not resolve to a published version, or its cache files are
+            damaged (unreadable, of different lengths, labels out of range, an empty split).
     """
     ref = load_ref(ref)
     if split not in SPLIT_IDS:
@@ -401,10 +402,23 @@ def open_split(
             f"{image_size}` and the same source and labels"
         )
     root = Path(ref.root)
-    images = np.load(root / ref.caches[image_size], mmap_mode="r")
-    labels = np.load(root / ref.labels)
-    split_ids = np.load(root / ref.split)
+    republish = "the version is damaged: delete the folder and publish it again"
+    try:
+        images = np.load(root / ref.caches[image_size], mmap_mode="r")
+        labels = np.load(root / ref.labels)
+        split_ids = np.load(root / ref.split)
+    except (OSError, ValueError) as exc:  # a truncated or overwritten .npy
+        raise PermanentError(f"{root}: cannot read the packed cache ({exc}); {republish}") from exc
     if not (len(images) == len(labels) == len(split_ids)):
-        raise PermanentError(f"{root}: cache, labels and split have different lengths")
+        raise PermanentError(f"{root}: cache, labels and split have different lengths; {republish}")
+    if len(labels) and not 0 <= labels.min() <= labels.max() < len(ref.classes):
+        raise PermanentError(
+            f"{root}: labels.npy holds ids outside [0, {len(ref.classes)}); {republish}"
+        )
     indices = np.flatnonzero(split_ids == SPLIT_IDS[split]).astype(np.int64)
+    if len(indices) == 0:
+        raise PermanentError(
+            f"{root}: the {split!r} split is empty (a class needs 2 or more images to appear in "
+            "both splits; otherwise the version is damaged: delete it and publish it again)"
+        )
     return PackedSplit(images=images, labels=labels, indices=indices, classes=list(ref.classes))

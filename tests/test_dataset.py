@@ -5,6 +5,7 @@ counts on the real shared archives (oxford-pets-mini and PetImages) served over 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -200,3 +201,29 @@ def test_load_ref_accepts_every_documented_form(oxford_mini_species_ref, tmp_pat
         open_split(ref, 48, "train")
     with pytest.raises(ValueError, match="'train' or 'val'"):
         open_split(ref, 32, "test")
+
+
+@pytest.mark.parametrize("damage", ["labels-out-of-range", "all-train", "truncated-cache"])
+def test_a_damaged_packed_cache_is_refused_naming_the_folder(
+    oxford_mini_species_ref, tmp_path, damage
+):
+    """Damage done in place after publishing (the manifest still looks valid) is caught when the
+    cache is opened, with an error naming the folder, never an IndexError mid-training."""
+    root = tmp_path / Path(oxford_mini_species_ref.root).name  # a version keeps its folder name
+    shutil.copytree(oxford_mini_species_ref.root, root)
+    ref = load_ref(root)
+    if damage == "labels-out-of-range":
+        labels = np.load(root / ref.labels)
+        labels[0] = 99
+        np.save(root / ref.labels, labels)
+        expected = r"labels\.npy holds ids outside \[0, 2\)"
+    elif damage == "all-train":
+        np.save(root / ref.split, np.zeros_like(np.load(root / ref.split)))
+        expected = "the 'val' split is empty"
+    else:
+        cache = root / ref.caches[32]
+        cache.write_bytes(b"not a numpy file" + cache.read_bytes()[16:])  # same size
+        expected = "cannot read the packed cache"
+    with pytest.raises(PermanentError, match=expected) as caught:
+        open_split(ref, 32, "val")
+    assert str(root) in str(caught.value)
