@@ -205,6 +205,8 @@ def _publish(staging: Path, root: Path, data_dir: Path) -> None:
         log.warning("replacing %s, which has no valid %s", root, MANIFEST_NAME)
         root.rename(trash)
         shutil.rmtree(trash, ignore_errors=True)
+    # mkdtemp creates 0700 folders; a published version is read by other users and workers.
+    staging.chmod(0o755)
     staging.rename(root)
 
 

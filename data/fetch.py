@@ -90,7 +90,8 @@ def fetch(
         return _fetch_http(spec, downloads_dir, timeout)
     path = local_path(spec.source)
     if not path.is_file():
-        raise SourceNotFoundError(f"no such archive file: {path} (from --source {spec.source!r})")
+        what = "is a directory, not an archive file" if path.is_dir() else "does not exist"
+        raise SourceNotFoundError(f"{path} {what} (from --source {spec.source!r})")
     return _verified(path, spec.expected_checksum, _digests(path, spec.expected_checksum))
 
 

@@ -814,7 +814,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         summary = _evaluate_from_args(args)
-    except (ValueError, FileNotFoundError, DatasetError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, DatasetError) as exc:
         parser.error(str(exc))
     for name, value in summary["metrics"].items():
         print(f"{name:45s} {value:.4g}", file=sys.stderr)

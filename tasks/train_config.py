@@ -175,7 +175,8 @@ def run_cli(
     try:
         config = config_from_args(config_cls, presets, args)
         result = train(config, args.dataset, args.run_dir)
-    except (ValueError, DatasetError) as exc:  # pydantic's ValidationError is a ValueError
+    # pydantic's ValidationError is a ValueError; FileExistsError: a run dir that is a file.
+    except (ValueError, FileExistsError, DatasetError) as exc:
         parser.error(str(exc))
     print(json.dumps(result, sort_keys=True))
     return 0

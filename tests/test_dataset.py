@@ -112,6 +112,7 @@ def test_oxford_mini_breed_counts_are_exact(http_server, tmp_path):
     # Stratified: round(10 * 0.1) = 1 validation image per breed, 25 of the 250 others.
     assert manifest.split_counts["val"] == {**dict.fromkeys(CAT_BREEDS, 1), "other": 25}
     assert verify_files(Path(ref.root)) == []
+    assert Path(ref.root).stat().st_mode & 0o777 == 0o755  # readable by other users and workers
     assert ensure(spec, tmp_path / "data", workers=2) == ref
     assert http_server.count() == 1
 
