@@ -46,7 +46,7 @@ from data.errors import DatasetError
 from models.classifier import Classifier
 from models.flow_matching import SAMPLERS
 from tasks import figures, inception, metrics
-from tasks.export import CONFIG, WEIGHTS
+from tasks.export import CONFIG, WEIGHTS, read_export_config
 from tasks.loader import iter_batches
 from tasks.report import (
     REPORT_JSON,
@@ -76,23 +76,6 @@ SAMPLES_DIR = "samples"
 # --------------------------------------------------------------------------------------------
 # Inputs
 # --------------------------------------------------------------------------------------------
-
-
-def _export_config(path: str | Path, kind: str) -> tuple[Path, dict[str, Any]]:
-    """The export folder and its config.json, checked before any model is built."""
-    folder = Path(path).expanduser().resolve()
-    if folder.is_file():
-        folder = folder.parent
-    for name in (WEIGHTS, CONFIG):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(
-                f"{folder / name} not found: --{kind} must be a finished run dir holding "
-                f"{WEIGHTS} and {CONFIG}"
-            )
-    config = json.loads((folder / CONFIG).read_text())
-    if config.get("kind") != kind:
-        raise ValueError(f"{folder} holds a {config.get('kind')!r} export, not a {kind!r} one")
-    return folder, config
 
 
 def _identity(folder: Path, config: dict[str, Any]) -> ModelIdentity:
@@ -414,8 +397,8 @@ def evaluate(
     out = Path(out).expanduser().resolve()
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
-    clf_export = _export_config(classifier, "classifier") if classifier is not None else None
-    dit_export = _export_config(dit, "dit") if dit is not None else None
+    clf_export = read_export_config(classifier, "classifier") if classifier is not None else None
+    dit_export = read_export_config(dit, "dit") if dit is not None else None
     for export in (clf_export, dit_export):
         if export is None:
             continue

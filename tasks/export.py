@@ -60,15 +60,16 @@ def write_export(
     return {"weights": str(run_dir / WEIGHTS), "config": str(run_dir / CONFIG)}
 
 
-def read_export(path: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Weights and config of an export folder (or of the folder holding a given export file).
+def read_export_config(path: str | Path, kind: str) -> tuple[Path, dict[str, Any]]:
+    """The export folder (of `path`, or of the folder holding a given export file) and its
+    `config.json`, checked without reading the weights.
 
     Raises:
         FileNotFoundError: naming the missing file.
-        ValueError: a damaged file (unreadable JSON or safetensors, named), or an export of
-            another kind (e.g. a classifier passed to `load_dit`).
+        ValueError: unreadable JSON (named), or an export of another kind (e.g. a classifier
+            passed to `load_dit`).
     """
-    folder = Path(path)
+    folder = Path(path).expanduser().resolve()
     if folder.is_file():
         folder = folder.parent
     for name in (WEIGHTS, CONFIG):
@@ -85,6 +86,17 @@ def read_export(path: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], d
     if not isinstance(config, dict) or config.get("kind") != kind:
         found = config.get("kind") if isinstance(config, dict) else type(config).__name__
         raise ValueError(f"{folder} holds a {found!r} export, expected {kind!r}")
+    return folder, config
+
+
+def read_export(path: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Weights and config of an export folder (see `read_export_config`).
+
+    Raises:
+        FileNotFoundError / ValueError: as `read_export_config`, or a damaged safetensors file
+            (named).
+    """
+    folder, config = read_export_config(path, kind)
     try:
         weights = load_file(str(folder / WEIGHTS))
     except Exception as exc:  # safetensors raises its own (Rust) error type for damaged files

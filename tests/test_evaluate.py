@@ -26,12 +26,12 @@ from tasks import inception
 from tasks.evaluate import (
     ClassifierUnderTest,
     _append_history,
-    _export_config,
     _split_images,
     classifier_metrics,
     evaluate,
     generator_metrics,
 )
+from tasks.export import read_export_config
 from tasks.report import Report, compare, load_report
 from tasks.trainers import TRAINERS, build_config
 
@@ -142,7 +142,9 @@ def test_evaluate_from_exported_files_alone_in_a_fresh_process(exports, tmp_path
 
 def test_conditional_accuracy_on_real_images_equals_classifier_accuracy(exports):
     ref, classifier, _ = exports
-    clf = ClassifierUnderTest.load(*_export_config(classifier, "classifier"), torch.device("cpu"))
+    clf = ClassifierUnderTest.load(
+        *read_export_config(classifier, "classifier"), torch.device("cpu")
+    )
     images, labels = _split_images(ref, clf.image_size)
     accuracy = classifier_metrics(clf, images, labels)["accuracy"]
     values, skipped, settings = generator_metrics(clf, images, labels, images, kid_subsets=5)
@@ -276,7 +278,7 @@ def test_bad_input_is_rejected_before_any_work(exports, tmp_path):
         evaluate(ref, out=tmp_path / "a")
     with pytest.raises(FileNotFoundError, match=r"model\.safetensors"):
         evaluate(ref, classifier=tmp_path, out=tmp_path / "b")
-    with pytest.raises(ValueError, match="not a 'classifier'"):
+    with pytest.raises(ValueError, match="holds a 'dit' export, expected 'classifier'"):
         evaluate(ref, classifier=dit, out=tmp_path / "c")
     with pytest.raises(ValueError, match="unknown sampler"):
         evaluate(ref, dit=dit, out=tmp_path / "d", sampler="rk45")
