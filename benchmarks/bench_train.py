@@ -4,8 +4,9 @@ and the packed-cache loader against decoding JPEGs each step.
 Every (preset, model) pair trains for `--steps` steps through the real `train_dit` /
 `train_classifier` in its own subprocess, so that each peak RSS (`ru_maxrss`) is that run's alone.
 The DiT's FLOPs per step are counted once with `torch.utils.flop_counter.FlopCounterMode` over a
-forward + backward pass; the matmul peak is the best of a few 2048x2048 fp32 `torch.mm` timed in the
-same process with the same threads, before and after the training steps. The step time is the median over steps after the first three.
+forward + backward pass; the matmul peak is the best of a few 2048x2048 `torch.mm` in the run's
+precision (bf16 where autocast runs in bf16, else fp32) timed in the same process with the same
+threads, before and after the training steps. The step time is the median over steps after the first three.
 
 Targets (issue #3 §4): DiT cpu-small >= 35% of the matmul peak, packed loader >= 10x JPEG decoding,
 cpu-small peak RSS < 3 GB.
@@ -37,9 +38,9 @@ OXFORD_MINI = SHARED / "oxford-pets-mini" / "images.tar.gz"
 PETIMAGES = SHARED / "petimages" / "kagglecatsanddogs-180px.zip"
 
 
-def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
-    """Best fp32 FLOP/s of an n x n matmul (2 n^3 FLOPs) on this process's threads."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """Best FLOP/s of an n x n matmul (2 n^3 FLOPs) in `dtype` on this process's threads."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     torch.mm(a, b)
     best = float("inf")
     for _ in range(repeats):
@@ -67,6 +68,7 @@ def dit_flops_per_step(config, num_classes: int) -> float:
 def run_one(model: str, preset: str, steps: int, dataset: str, run_dir: str) -> dict:
     """Train `model` with `preset` for `steps` steps in this process; return its figures."""
     from tasks import train_classifier, train_dit
+    from tasks.runtime import resolve_precision
 
     module = train_dit if model == "dit" else train_classifier
     base = module.PRESETS[preset].model_dump()
@@ -83,7 +85,10 @@ def run_one(model: str, preset: str, steps: int, dataset: str, run_dir: str) -> 
     config = type(module.PRESETS[preset]).model_validate(base)
     # The peak is measured before and after training and the higher one kept: on a shared
     # machine a single measurement can land in a busy moment and flatter the ratio.
-    peak = matmul_peak_flops() if model == "dit" else 0.0
+    # The peak in the precision the run computes in: bf16 on AMX is ~6x the fp32 peak.
+    precision = resolve_precision(torch.device("cpu"), config.precision)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    peak = matmul_peak_flops(dtype) if model == "dit" else 0.0
     stamps: list[float] = []
     train = module.train_dit if model == "dit" else module.train_classifier
     train(config, dataset, run_dir, progress=lambda row: stamps.append(time.perf_counter()))
@@ -98,10 +103,11 @@ def run_one(model: str, preset: str, steps: int, dataset: str, run_dir: str) -> 
         "images_per_s": config.batch_size / step_s,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "threads": torch.get_num_threads(),
+        "precision": precision,
     }
     if model == "dit":
         flops = dit_flops_per_step(config, len(_classes(dataset)))
-        peak = max(peak, matmul_peak_flops())
+        peak = max(peak, matmul_peak_flops(dtype))
         figures.update(
             flops_per_step=flops,
             achieved_gflops=flops / step_s / 1e9,
@@ -221,7 +227,7 @@ def _print(rows: list[dict], dataset: str, presets: list[str]) -> None:
         if r["model"] == "dit":
             extra = (
                 f"{r['achieved_gflops']:.1f} GFLOP/s = {100 * r['peak_fraction']:.0f}% of "
-                f"matmul peak {r['matmul_peak_gflops']:.0f} GFLOP/s"
+                f"{r['precision']} matmul peak {r['matmul_peak_gflops']:.0f} GFLOP/s"
             )
         print(
             f"{r['preset']:<10} {r['model']:<11} {r['batch_size']:>5} {r['image_size']:>4} "

@@ -23,8 +23,8 @@ from data.errors import DatasetError
 # Changing one of these on resume is allowed. `steps` and `time_budget_minutes` re-plan the LR
 # schedule from the resume point (so a run that changes them is no longer bit-identical to an
 # uninterrupted one, by choice); the rest only change logging, checkpoint cadence, the sample
-# grids drawn along the way, or the execution engine (`compile`, `num_threads`: the same maths,
-# though a different kernel or thread count may round differently).
+# grids drawn along the way, or the execution engine (`compile`, `num_threads`, `sdpa_backend`:
+# the same maths, though a different kernel or thread count may round differently).
 RESUMABLE_FIELDS = frozenset(
     {
         "steps",
@@ -39,6 +39,7 @@ RESUMABLE_FIELDS = frozenset(
         "eval_every_epochs",
         "progress_bar",
         "num_threads",
+        "sdpa_backend",
     }
 )
 
@@ -74,6 +75,10 @@ class TrainConfig(BaseModel):
     keep_checkpoints: int = Field(3, ge=1, description="newest checkpoints kept on disk")
     compile: bool = Field(False, description="wrap the model in torch.compile")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="autocast precision; auto = bf16 on CUDA and on CPUs with AMX, else fp32",
+    )
     num_threads: int | None = Field(
         None,
         ge=1,
