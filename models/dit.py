@@ -12,6 +12,13 @@ Differences from the reference, each deliberate:
 - the null (unconditional) class index is ``num_classes``, read from ``DiT.null_class``;
 - attention uses ``torch.nn.functional.scaled_dot_product_attention`` with optional QK-norm
   (Dehghani et al. 2023, "Scaling Vision Transformers to 22 Billion Parameters", §3.1).
+
+Optional additions for pixel-space training at small compute, all off by default (the paper's DiT):
+- a convolutional stem before the patch embedding (Xiao et al. 2021, "Early Convolutions Help
+  Transformers See Better", §3), giving the patches local features instead of raw pixels;
+- U-ViT long skips between shallow and deep blocks (Bao et al. 2023, "All are Worth Words: A ViT
+  Backbone for Diffusion Models", §3.1), which the U-ViT ablations found essential in pixel space;
+- a 3x3 convolution after unpatchify (U-ViT §3.1), smoothing the seams between patches.
 """
 
 from __future__ import annotations
@@ -230,6 +237,13 @@ class DiT(nn.Module):
             (CFG training, Ho & Salimans 2022 §3.2), in [0, 1). With 0 there is no null class
             and CFG is unavailable.
         qk_norm: LayerNorm on queries and keys (see ``Attention``).
+        stem_channels: 0 = none (the paper's patch embedding of raw pixels); C > 0 = two 3x3
+            convolutions (in_channels -> C -> C, SiLU) at full resolution before the patch
+            embedding.
+        long_skip: U-ViT long skips: the output of block i (i < depth // 2) is concatenated with
+            the input of block depth - 1 - i and projected back to D by a linear layer.
+        final_conv: a residual 3x3 convolution on the unpatchified output, zero-initialised so the
+            initial velocity stays exactly 0.
 
     Raises:
         ValueError: a size that does not fit (patch size, heads, widths), naming the fix.
@@ -248,11 +262,16 @@ class DiT(nn.Module):
         num_classes: int,
         class_dropout_prob: float = 0.1,
         qk_norm: bool = False,
+        stem_channels: int = 0,
+        long_skip: bool = False,
+        final_conv: bool = False,
     ):
         super().__init__()
         _check_sizes(input_size, patch_size, hidden_size, num_heads, depth, num_classes)
         if not 0.0 <= class_dropout_prob < 1.0:
             raise ValueError(f"class_dropout_prob={class_dropout_prob} must be in [0, 1)")
+        if stem_channels < 0:
+            raise ValueError(f"stem_channels={stem_channels} must be >= 0 (0 = no conv stem)")
         self.config = dict(
             input_size=input_size,
             patch_size=patch_size,
@@ -264,6 +283,9 @@ class DiT(nn.Module):
             num_classes=num_classes,
             class_dropout_prob=class_dropout_prob,
             qk_norm=qk_norm,
+            stem_channels=stem_channels,
+            long_skip=long_skip,
+            final_conv=final_conv,
         )
         self.input_size = input_size
         self.in_channels = in_channels
@@ -274,8 +296,17 @@ class DiT(nn.Module):
         self.class_dropout_prob = class_dropout_prob
         self.grid_size = input_size // patch_size
 
+        self.stem = nn.Identity()
+        if stem_channels:
+            self.stem = nn.Sequential(
+                nn.Conv2d(in_channels, stem_channels, 3, padding=1),
+                nn.SiLU(),
+                nn.Conv2d(stem_channels, stem_channels, 3, padding=1),
+                nn.SiLU(),
+            )
         # Patch embedding: a strided convolution == a linear map of each non-overlapping patch.
-        self.x_embedder = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
+        embed_in = stem_channels or in_channels
+        self.x_embedder = nn.Conv2d(embed_in, hidden_size, patch_size, stride=patch_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         # Fixed (not learned, not saved) 2-D sin-cos position embedding, as in DiT.
@@ -287,7 +318,16 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(
             [DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth)]
         )
+        # One projection per deep block that receives a skip: the second half of the blocks.
+        self.skip_projections = nn.ModuleList(
+            [nn.Linear(2 * hidden_size, hidden_size) for _ in range(depth // 2)]
+            if long_skip
+            else []
+        )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.final_conv = (
+            nn.Conv2d(self.out_channels, self.out_channels, 3, padding=1) if final_conv else None
+        )
         self.initialize_weights()
 
     @property
@@ -333,6 +373,9 @@ class DiT(nn.Module):
         nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
         nn.init.constant_(self.final_layer.linear.weight, 0)
         nn.init.constant_(self.final_layer.linear.bias, 0)
+        if self.final_conv is not None:  # residual, so zero keeps the initial output at 0
+            nn.init.constant_(self.final_conv.weight, 0)
+            nn.init.constant_(self.final_conv.bias, 0)
 
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
         """(B, C, S, S) -> (B, T, p*p*C), patches in row-major order, pixels as (p, p, C)."""
@@ -376,11 +419,26 @@ class DiT(nn.Module):
                 f"DiT expects x of shape (B, {self.in_channels}, {self.input_size}, "
                 f"{self.input_size}), got {tuple(x.shape)}"
             )
-        x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, T, D)
+        x = self.x_embedder(self.stem(x)).flatten(2).transpose(1, 2) + self.pos_embed  # (B, T, D)
         c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)  # (B, D)
-        for block in self.blocks:
+        x = self._blocks(x, c)
+        out = self.unpatchify(self.final_layer(x, c))
+        if self.final_conv is not None:
+            out = out + self.final_conv(out)
+        return out
+
+    def _blocks(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The DiT blocks, with U-ViT long skips when enabled: block i's output feeds block
+        depth-1-i for i < depth // 2 (an odd middle block gets none). (B, T, D) -> (B, T, D)."""
+        depth, skips = len(self.blocks), []
+        first_deep = depth - len(self.skip_projections)
+        for i, block in enumerate(self.blocks):
+            if i >= first_deep:
+                x = self.skip_projections[i - first_deep](torch.cat([x, skips.pop()], dim=-1))
             x = block(x, c)
-        return self.unpatchify(self.final_layer(x, c))
+            if i < len(self.skip_projections):
+                skips.append(x)
+        return x
 
     def forward_with_cfg(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float

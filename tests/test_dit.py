@@ -34,6 +34,8 @@ def _inputs(model: DiT, batch: int = 3, seed: int = 1):
         ("DiT-Nano/4", 32, {"in_channels": 1}),
         ("DiT-Ti/8", 32, {"qk_norm": True}),
         ("DiT-Ti/4", 24, {"mlp_ratio": 2.0}),
+        ("DiT-Nano/4", 16, {"stem_channels": 8, "long_skip": True, "final_conv": True}),
+        ("DiT-Nano/4", 16, {"long_skip": True, "depth": 3}),
     ],
 )
 def test_output_has_input_shape(name, input_size, overrides):
@@ -77,6 +79,42 @@ def test_adaln_zero_init_outputs_exact_zeros_and_blocks_are_identity():
     c = torch.randn(3, 64)
     for block in model.blocks:
         assert torch.equal(block(tokens, c), tokens)
+
+
+def test_small_compute_additions_keep_the_zero_initial_output():
+    model = dit_from_config(
+        "DiT-Nano/4",
+        input_size=16,
+        num_classes=3,
+        stem_channels=8,
+        long_skip=True,
+        final_conv=True,
+    )
+    x, t, y = _inputs(model)
+    assert torch.equal(model(x, t, y), torch.zeros_like(x))
+
+
+@pytest.mark.parametrize(("depth", "pairs"), [(4, [(1, 2), (0, 3)]), (5, [(1, 3), (0, 4)])])
+def test_long_skips_pair_shallow_and_deep_blocks_u_vit_style(depth, pairs):
+    # U-ViT §3.1: block i's output is concatenated into the input of block depth-1-i. Record
+    # each block's output and input to check the wiring, not just the shapes.
+    model = _randomized(
+        dit_from_config("DiT-Nano/4", input_size=16, num_classes=2, depth=depth, long_skip=True)
+    )
+    assert len(model.skip_projections) == depth // 2
+    outputs, inputs = {}, {}
+    for i, block in enumerate(model.blocks):
+        block.register_forward_hook(lambda m, args, out, i=i: outputs.__setitem__(i, out))
+        block.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(i, args[0]))
+    model(*_inputs(model))
+    first_deep = depth - depth // 2
+    for shallow, deep in pairs:
+        previous = outputs[deep - 1]
+        projection = model.skip_projections[deep - first_deep]
+        expected = projection(torch.cat([previous, outputs[shallow]], dim=-1))
+        torch.testing.assert_close(inputs[deep], expected)
+    if depth % 2:  # the middle block of an odd depth takes its predecessor's output unchanged
+        assert torch.equal(inputs[depth // 2], outputs[depth // 2 - 1])
 
 
 def test_adaln_zero_init_still_learns():
@@ -173,8 +211,11 @@ def test_position_embedding_is_fixed_and_distinct_per_token():
     assert torch.cdist(pe, pe).add(torch.eye(64) * 10).min() > 0.1
 
 
-def test_config_rebuilds_the_same_architecture():
-    model = _randomized(dit_from_config("DiT-Nano/4", input_size=16, num_classes=3, qk_norm=True))
+@pytest.mark.parametrize("extra", [{}, {"stem_channels": 8, "long_skip": True, "final_conv": True}])
+def test_config_rebuilds_the_same_architecture(extra):
+    model = _randomized(
+        dit_from_config("DiT-Nano/4", input_size=16, num_classes=3, qk_norm=True, **extra)
+    )
     clone = DiT(**model.config).eval()
     clone.load_state_dict(model.state_dict())
     x, t, y = _inputs(model)
@@ -193,6 +234,7 @@ def test_overrides_replace_config_fields():
         ({"hidden_size": 100, "num_heads": 3}, "hidden_size=100 must be divisible by num_heads=3"),
         ({"num_classes": 0}, "num_classes=0"),
         ({"class_dropout_prob": 1.0}, "class_dropout_prob"),
+        ({"stem_channels": -1}, "stem_channels=-1 must be >= 0"),
     ],
 )
 def test_bad_sizes_raise_clear_errors(kwargs, message):
