@@ -178,8 +178,9 @@ def generator_metrics(
             the first min(N, M) of each. The conditional accuracy always uses all N samples.
 
     Returns:
-        (metrics, not_computed reasons, settings): metrics `generator.conditional_accuracy`,
-        `generator.classifier_fd`, `generator.classifier_kid` (+ `_std`), `generator.precision`,
+        (metrics, not_computed reasons, settings): metrics `generator.conditional_accuracy`
+        (all samples) and `generator.conditional_accuracy.<class>` (the fraction of samples
+        conditioned on that class that `clf` assigns to it), `generator.classifier_fd`, `generator.classifier_kid` (+ `_std`), `generator.precision`,
         `generator.recall`; settings record the counts, feature dim and KID subset size used.
     """
     fake_preds, fake_feats = clf.predict(fake, batch_size)
@@ -188,11 +189,12 @@ def generator_metrics(
         fake_feats = fake_feats[partners]
     n = min(len(fake_feats), len(real_feats))
     fake_feats, real_feats = fake_feats[:n], real_feats[:n]
-    out = {
-        "generator.conditional_accuracy": metrics.classification_metrics(
-            fake_preds, fake_labels, len(clf.classes)
-        )["accuracy"]
-    }
+    conditional = metrics.classification_metrics(fake_preds, fake_labels, len(clf.classes))
+    out = {"generator.conditional_accuracy": conditional["accuracy"]}
+    # Per class: e.g. the fraction of cat-conditioned samples the classifier calls "cat".
+    for name, acc in zip(clf.classes, conditional["per_class_accuracy"], strict=True):
+        if acc is not None:
+            out[f"generator.conditional_accuracy.{name}"] = acc
     skipped: dict[str, str] = {}
     settings = {"n_feature_samples": n, "classifier_feature_dim": int(fake_feats.shape[1])}
     if n >= 2:
@@ -533,6 +535,7 @@ def _run(
         )
     if clf is not None:
         _add_feature_metrics(report, clf, fake, class_names, real, partners, opts)
+        _add_accuracy_at_dit_size(report, ref, clf, opts)
     else:
         report.not_computed.update(
             dict.fromkeys(GENERATOR_KEYS[:5], "no classifier given (its features are the space)")
@@ -625,6 +628,24 @@ def _add_feature_metrics(
             f"samples and real images ({report.dit.image_size} px) are resized to the "
             f"classifier's {clf.image_size} px before feature extraction"
         )
+
+
+def _add_accuracy_at_dit_size(
+    report: Report, ref: DatasetRef, clf: ClassifierUnderTest, opts: _Settings
+) -> None:
+    """The classifier's accuracy on real held-out images at the DiT's resolution, resized to its
+    own exactly as the samples are: the ceiling of the conditional accuracy, and the check that
+    a classifier trained at another size still recognises images at this one. Only when the
+    sizes differ (otherwise it is `classifier.accuracy`) and the dataset has a cache there."""
+    size = report.dit.image_size
+    if size == clf.image_size or size not in ref.caches:
+        return
+    images, labels = _split_images(ref, size)
+    result = classifier_metrics(clf, images, labels, opts.batch_size)
+    report.metrics["classifier.accuracy_at_dit_size"] = result["accuracy"]
+    for name, acc in zip(clf.classes, result["per_class_accuracy"], strict=True):
+        if acc is not None:
+            report.metrics[f"classifier.class_accuracy_at_dit_size.{name}"] = acc
 
 
 def _other_version_notes(report: Report, version: str) -> list[str]:

@@ -120,6 +120,15 @@ def test_evaluate_from_exported_files_alone_in_a_fresh_process(exports, tmp_path
     assert report.settings["kid_subset_size"] == report.settings["n_feature_samples"] == 10
     assert any("feature dimensions" in note for note in report.notes)  # 10 samples < 512 dims
     assert any("resized to the classifier's 64 px" in note for note in report.notes)
+    # The reference for the conditional accuracy: real held-out images at the DiT's 32 px.
+    images, labels = _split_images(ref, 32)
+    clf = ClassifierUnderTest.load(
+        *read_export_config(classifier, "classifier"), torch.device("cpu")
+    )
+    at_32 = classifier_metrics(clf, images, labels)
+    assert report.metrics["classifier.accuracy_at_dit_size"] == pytest.approx(at_32["accuracy"])
+    for name, acc in zip(clf.classes, at_32["per_class_accuracy"], strict=True):
+        assert report.metrics[f"classifier.class_accuracy_at_dit_size.{name}"] == pytest.approx(acc)
     assert sum(map(sum, report.confusion_matrix)) == sum(report.dataset.split_counts.values())
     for key in INCEPTION_KEYS:
         assert "--no-inception-download" in report.not_computed[key]
@@ -149,6 +158,10 @@ def test_conditional_accuracy_on_real_images_equals_classifier_accuracy(exports)
     accuracy = classifier_metrics(clf, images, labels)["accuracy"]
     values, skipped, settings = generator_metrics(clf, images, labels, images, kid_subsets=5)
     assert values["generator.conditional_accuracy"] == pytest.approx(accuracy, abs=1e-9)
+    # Per conditioning class it is the classifier's recall of that class.
+    per_class = classifier_metrics(clf, images, labels)["per_class_accuracy"]
+    for name, recall in zip(clf.classes, per_class, strict=True):
+        assert values[f"generator.conditional_accuracy.{name}"] == pytest.approx(recall, abs=1e-9)
     # The same images as "generated" and real: the distribution metrics see no difference.
     assert values["generator.classifier_fd"] == pytest.approx(0.0, abs=1e-3)
     assert values["generator.precision"] == values["generator.recall"] == 1.0
