@@ -37,8 +37,8 @@ class TrainingParams(BaseModel):
 
     preset: str | None = Field(
         None,
-        description="cpu-tiny (CI, seconds), cpu-small (a 10-20 min CPU demo) or gpu (Modal). "
-        "Empty: gpu with backend=modal, cpu-small locally.",
+        description="cpu-tiny (CI, seconds), cpu-small (10 minutes per model on 2 CPU cores) "
+        "or gpu (Modal). Empty: gpu with backend=modal, cpu-small locally.",
     )
     overrides: dict[str, Any] = Field(
         default_factory=dict,

@@ -212,6 +212,27 @@ def test_resume_refuses_another_config_or_dataset_but_takes_more_steps(
     assert more["metrics"]["steps"] == 35 and more["metrics"]["steps_this_run"] == 5
 
 
+def test_cpu_small_recipe_features_train_in_bf16_and_export_fp32(oxford_mini_species_ref, tmp_path):
+    """The cpu-small recipe (conv stem, U-ViT long skips, final conv, QK-norm, math attention)
+    in bf16 autocast at cpu-tiny's width: it learns, exports fp32 weights and reloads."""
+    small = PRESETS["cpu-small"]
+    recipe = {k: getattr(small, k) for k in ("qk_norm", "long_skip", "final_conv", "sdpa_backend")}
+    assert small.stem_channels > 0 and all(recipe.values())
+    rows: list[dict] = []
+    # 80 steps: the conv stem slows the first few dozen (it starts by shrinking the pixels).
+    config = tiny(**recipe, stem_channels=8, depth=3, precision="bf16", sample_steps=4, steps=80)
+    result = train_dit(config, oxford_mini_species_ref, tmp_path, progress=rows.append)
+    assert rows[-1]["loss"] < 0.9 * rows[0]["loss"], [r["loss"] for r in rows]
+    weights = load_file(result["files"]["weights"])
+    assert {w.dtype for w in weights.values()} == {torch.float32}
+    assert any(k.startswith("skip_projections.") for k in weights)
+    assert any(k.startswith("stem.") for k in weights) and "final_conv.weight" in weights
+    model = load_dit(tmp_path)
+    assert model.config["stem_channels"] == 8 and model.config["long_skip"]
+    images = sample(model, ["cat", "other"], n_per_class=2, steps=2, seed=0)
+    assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32
+
+
 def test_compiled_model_checkpoint_loads_into_a_plain_model(oxford_mini_species_ref, tmp_path):
     """Real torch.compile on the CPU (inductor, C++ codegen): the slowest test here (~30 s on 2
     loaded cores), kept to a one-block DiT and 2 steps."""

@@ -1,0 +1,265 @@
+"""Compare training recipes at a fixed wall-clock budget on the shared PetImages cats and dogs.
+
+Each recipe is a preset plus overrides, trained from scratch in a fresh process with
+`--time-budget`, then measured by the project's own evaluation (`tasks.evaluate`) on the
+held-out split. This is the evidence behind the `cpu-small` presets (issue 6 §2-§4):
+
+    # 1. classifiers: prints val accuracy per recipe; the export of each lands in --out
+    .venv/bin/python -m benchmarks.bench_recipes classifier
+    # 2. DiTs, judged by a classifier from step 1: cat-conditioned samples called "cat",
+    #    conditional accuracy and Fréchet distance in the classifier's features
+    .venv/bin/python -m benchmarks.bench_recipes dit --judge bench-runs/classifier-cpu-small
+
+`--recipes` picks a subset, `--budget` sets the minutes per training (10 = the issue's budget),
+`--samples-per-class` the DiT samples per class. A recipe whose export already exists in --out is
+measured again without retraining unless --retrain. Run it on an otherwise idle machine: with two
+busy cores torch's OpenMP threads spin-wait and throughput collapses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from data.dataset import DatasetRef, DatasetSpec  # noqa: E402
+from data.download import ensure  # noqa: E402
+
+PETIMAGES = REPO.parent / "shared" / "datasets" / "petimages" / "kagglecatsanddogs-180px.zip"
+PETIMAGES_SHA256 = "8bbd2356c185cce16913e0db65c3c06162824687d9faae6487f69551adc79639"
+
+# name -> (preset, overrides). "cpu-small" is the preset as shipped; the others change one thing
+# each, so the table reads as an ablation of it, except "plain", the issue's reference recipe.
+DIT_RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
+    # Issue 6's baseline, spelled out in full so that changes to the preset never move it: the
+    # reference DiT layout (width 256, depth 8, patch 4) at 32 px, logit-normal t, AdamW 3e-4
+    # with an EMA warm-up, batch 64, fp32 and torch's default attention kernel.
+    "plain": (
+        "cpu-small",
+        dict(
+            arch="DiT-Ti/4",
+            hidden_size=256,
+            depth=8,
+            num_heads=4,
+            patch_size=4,
+            qk_norm=False,
+            stem_channels=0,
+            long_skip=False,
+            final_conv=False,
+            image_size=32,
+            time_schedule="logit_normal",
+            lr=3e-4,
+            warmup_steps=50,
+            weight_decay=0.0,
+            batch_size=64,
+            ema_decay=0.999,
+            precision="fp32",
+            sdpa_backend="auto",
+            sample_method="euler",
+            sample_steps=25,
+            cfg_scale=2.0,
+        ),
+    ),
+    "cpu-small": ("cpu-small", {}),
+    # Ablation: the preset without its three architecture additions.
+    "no-additions": ("cpu-small", dict(stem_channels=0, long_skip=False, final_conv=False)),
+}
+
+CLASSIFIER_RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
+    "cpu-small": ("cpu-small", {}),
+    # The augmentation shipped before this comparison (crops down to 35% of the area, colour
+    # jitter 0.2): too strong for ~8 epochs, where the model underfits.
+    "heavy-aug": ("cpu-small", dict(crop_scale_min=0.35, color_jitter=0.2)),
+    # More pixels per image, fewer images per minute (4.5 epochs instead of 7.7).
+    "96px": ("cpu-small", dict(image_size=96)),
+}
+
+RECIPES = {"dit": DIT_RECIPES, "classifier": CLASSIFIER_RECIPES}
+TRAINERS = {"dit": "tasks.train_dit", "classifier": "tasks.train_classifier"}
+
+
+def _presets(kind: str) -> dict[str, Any]:
+    if kind == "dit":
+        from tasks.train_dit import PRESETS
+    else:
+        from tasks.train_classifier import PRESETS
+    return PRESETS
+
+
+def _config(kind: str, name: str) -> dict[str, Any]:
+    preset, overrides = RECIPES[kind][name]
+    return {**_presets(kind)[preset].model_dump(), **overrides}
+
+
+def _flags(preset: str, overrides: dict[str, Any]) -> list[str]:
+    flags = ["--preset", preset]
+    for field, value in overrides.items():
+        flag = "--" + field.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+
+def _dataset(data_dir: Path, sizes: set[int]) -> DatasetRef:
+    """The PetImages species dataset with caches at `sizes`, published once into `data_dir`."""
+    spec = DatasetSpec(
+        source=str(PETIMAGES),
+        checksum=f"sha256:{PETIMAGES_SHA256}",
+        labels="species",
+        image_sizes=sorted(sizes),
+    )
+    return ensure(spec, data_dir)
+
+
+def _train(kind: str, name: str, ref_path: Path, run_dir: Path, budget: float, retrain: bool):
+    """Train one recipe in a fresh process (unless its export exists); returns the result JSON."""
+    result_file = run_dir / "bench_result.json"
+    expected = {**_config(kind, name), "time_budget_minutes": budget, "progress_bar": False}
+    if result_file.exists() and not retrain:
+        result = json.loads(result_file.read_text())
+        if result["config"] == expected:  # a recipe or preset edited since must train again
+            return result
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # a fresh start: never resume another recipe's checkpoints
+    preset, overrides = RECIPES[kind][name]
+    cmd = [sys.executable, "-m", TRAINERS[kind], "--dataset", str(ref_path)]
+    cmd += ["--run-dir", str(run_dir), *_flags(preset, overrides), "--time-budget", str(budget)]
+    cmd += ["--no-progress-bar"]
+    print(f"[{kind} {name}] training for {budget} min", flush=True)
+    out = subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    result_file.write_text(json.dumps(result))
+    return result
+
+
+def _sampler(text: str) -> tuple[str, int, float]:
+    """'heun:16:3' -> ("heun", 16, 3.0): ODE method, steps, CFG scale."""
+    method, steps, scale = text.split(":")
+    return method, int(steps), float(scale)
+
+
+def _evaluate(
+    ref_path: Path, judge: Path, dit: Path, per_class: int, sampler: str | None
+) -> dict[str, Any]:
+    """Run `tasks.evaluate` on one DiT export (with the export's sampler, or `sampler`)."""
+    out = dit / ("report" if sampler is None else "report-" + sampler.replace(":", "-"))
+    cmd = [sys.executable, "-m", "tasks.evaluate", "--dataset", str(ref_path)]
+    cmd += ["--classifier", str(judge), "--dit", str(dit), "--out", str(out), "--overwrite"]
+    cmd += ["--samples-per-class", str(per_class), "--no-inception-download"]
+    if sampler is not None:
+        method, steps, scale = _sampler(sampler)
+        cmd += ["--sampler", method, "--steps", str(steps), "--cfg-scale", str(scale)]
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True)
+    return {**json.loads((out / "report.json").read_text()), "report_dir": str(out)}
+
+
+def _dit_row(name: str, result: dict, report: dict) -> dict[str, Any]:
+    m, metrics, s = report["metrics"], result["metrics"], report["sampling"]
+    return {
+        "recipe": name,
+        "sampler": f"{s['method']} {s['steps']} steps, CFG {s['cfg_scale']:g}",
+        "steps": metrics["steps"],
+        "img/s": round(metrics["images_per_s"]),
+        "final loss": round(metrics["final_loss"], 4),
+        "spent s": round(metrics["budget_spent_s"], 1),
+        "cat→cat": m.get("generator.conditional_accuracy.cat"),
+        # The same classifier on real held-out cats at the DiT's size: the ceiling of cat→cat.
+        "real cat→cat": m.get("classifier.class_accuracy_at_dit_size.cat"),
+        "cond. acc": m["generator.conditional_accuracy"],
+        "FD (clf)": m.get("generator.classifier_fd"),
+        "KID (clf)": m.get("generator.classifier_kid"),
+        "precision": m.get("generator.precision"),
+        "recall": m.get("generator.recall"),
+    }
+
+
+def _classifier_row(name: str, result: dict) -> dict[str, Any]:
+    metrics = result["metrics"]
+    return {
+        "recipe": name,
+        "steps": metrics["steps"],
+        "img/s": round(metrics["images_per_s"]),
+        "val acc": metrics["val_accuracy"],
+        "balanced": metrics["val_balanced_accuracy"],
+        "val loss": round(metrics["val_loss"], 4),
+        "spent s": round(metrics["budget_spent_s"], 1),
+    }
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    def fmt(value: Any) -> str:
+        return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    head = list(rows[0])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(fmt(row[k]) for k in head) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("kind", choices=sorted(RECIPES))
+    parser.add_argument("--recipes", nargs="+", help="default: all of the kind's recipes")
+    parser.add_argument("--budget", type=float, default=10.0, help="minutes per training")
+    parser.add_argument("--out", type=Path, default=REPO / "bench-runs")
+    parser.add_argument("--judge", type=Path, help="classifier export judging the DiT samples")
+    parser.add_argument("--samples-per-class", type=int, default=200)
+    parser.add_argument(
+        "--samplers",
+        nargs="+",
+        metavar="METHOD:STEPS:CFG",
+        help="DiT only: evaluate each export with these samplers (e.g. euler:25:2 heun:16:3) "
+        "instead of its own default",
+    )
+    parser.add_argument("--retrain", action="store_true")
+    args = parser.parse_args()
+
+    recipes = args.recipes or list(RECIPES[args.kind])
+    unknown = sorted(set(recipes) - set(RECIPES[args.kind]))
+    if unknown:
+        parser.error(f"unknown {args.kind} recipes {unknown}; known: {sorted(RECIPES[args.kind])}")
+    if args.kind == "dit" and not (args.judge and (args.judge / "config.json").is_file()):
+        parser.error("dit needs --judge: a classifier export (run the classifier bench first)")
+    if not PETIMAGES.is_file():
+        parser.error(f"{PETIMAGES} is missing; it comes with ../shared/datasets")
+
+    # One dataset version for both benches (every recipe's size), so that the DiTs and their
+    # judge share a version and its held-out split.
+    sizes = {int(_config(kind, name)["image_size"]) for kind in RECIPES for name in RECIPES[kind]}
+    if args.judge:
+        sizes.add(json.loads((args.judge / "config.json").read_text())["image_size"])
+    ref = _dataset(args.out / "data", sizes)
+    ref_path = Path(ref.root) / "reference.json"
+
+    rows = []
+    for name in recipes:
+        run_dir = args.out / f"{args.kind}-{name}"
+        result = _train(args.kind, name, ref_path, run_dir, args.budget, args.retrain)
+        if args.kind == "classifier":
+            rows.append(_classifier_row(name, result))
+        else:
+            # Evaluate on the version the DiT was trained on (the held-out split is per version).
+            trained_on = json.loads((run_dir / "config.json").read_text())["dataset_version"]
+            dit_ref = args.out / "data" / trained_on / "reference.json"
+            for sampler in args.samplers or [None]:
+                report = _evaluate(dit_ref, args.judge, run_dir, args.samples_per_class, sampler)
+                rows.append(_dit_row(name, result, report))
+                print(json.dumps(rows[-1]), flush=True)
+                print(f"grid: {Path(report['report_dir']) / report['files']['grid']}", flush=True)
+            continue
+        print(json.dumps(rows[-1]), flush=True)
+    print(f"\n{args.kind} recipes, {args.budget:g} min each, PetImages species ({ref.version}):\n")
+    print(_table(rows))
+
+
+if __name__ == "__main__":
+    main()
