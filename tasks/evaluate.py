@@ -156,6 +156,13 @@ def classifier_metrics(
     return metrics.classification_metrics(preds, labels, len(clf.classes))
 
 
+def _per_class(prefix: str, classes: list[str], result: dict[str, Any]) -> dict[str, float]:
+    """`{prefix.<class>: accuracy}` from `classification_metrics`' per-class accuracies, leaving
+    out classes without samples."""
+    per_class = zip(classes, result["per_class_accuracy"], strict=True)
+    return {f"{prefix}.{name}": acc for name, acc in per_class if acc is not None}
+
+
 def generator_metrics(
     clf: ClassifierUnderTest,
     fake: torch.Tensor,
@@ -180,8 +187,8 @@ def generator_metrics(
     Returns:
         (metrics, not_computed reasons, settings): metrics `generator.conditional_accuracy`
         (all samples) and `generator.conditional_accuracy.<class>` (the fraction of samples
-        conditioned on that class that `clf` assigns to it), `generator.classifier_fd`, `generator.classifier_kid` (+ `_std`), `generator.precision`,
-        `generator.recall`; settings record the counts, feature dim and KID subset size used.
+        conditioned on that class that `clf` assigns to it), `generator.classifier_fd`,
+        `generator.classifier_kid` (+ `_std`), `generator.precision`, `generator.recall`; settings record the counts, feature dim and KID subset size used.
     """
     fake_preds, fake_feats = clf.predict(fake, batch_size)
     _, real_feats = clf.predict(real, batch_size)
@@ -192,9 +199,7 @@ def generator_metrics(
     conditional = metrics.classification_metrics(fake_preds, fake_labels, len(clf.classes))
     out = {"generator.conditional_accuracy": conditional["accuracy"]}
     # Per class: e.g. the fraction of cat-conditioned samples the classifier calls "cat".
-    for name, acc in zip(clf.classes, conditional["per_class_accuracy"], strict=True):
-        if acc is not None:
-            out[f"generator.conditional_accuracy.{name}"] = acc
+    out |= _per_class("generator.conditional_accuracy", clf.classes, conditional)
     skipped: dict[str, str] = {}
     settings = {"n_feature_samples": n, "classifier_feature_dim": int(fake_feats.shape[1])}
     if n >= 2:
@@ -643,9 +648,7 @@ def _add_accuracy_at_dit_size(
     images, labels = _split_images(ref, size)
     result = classifier_metrics(clf, images, labels, opts.batch_size)
     report.metrics["classifier.accuracy_at_dit_size"] = result["accuracy"]
-    for name, acc in zip(clf.classes, result["per_class_accuracy"], strict=True):
-        if acc is not None:
-            report.metrics[f"classifier.class_accuracy_at_dit_size.{name}"] = acc
+    report.metrics |= _per_class("classifier.class_accuracy_at_dit_size", clf.classes, result)
 
 
 def _other_version_notes(report: Report, version: str) -> list[str]:
