@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from data.dataset import DatasetRef, DatasetSpec  # noqa: E402
 from data.download import ensure  # noqa: E402
+from tasks.trainers import build_config  # noqa: E402
 
 PETIMAGES = REPO.parent / "shared" / "datasets" / "petimages" / "kagglecatsanddogs-180px.zip"
 PETIMAGES_SHA256 = "8bbd2356c185cce16913e0db65c3c06162824687d9faae6487f69551adc79639"
@@ -82,20 +83,13 @@ CLASSIFIER_RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 RECIPES = {"dit": DIT_RECIPES, "classifier": CLASSIFIER_RECIPES}
-TRAINERS = {"dit": "tasks.train_dit", "classifier": "tasks.train_classifier"}
-
-
-def _presets(kind: str) -> dict[str, Any]:
-    if kind == "dit":
-        from tasks.train_dit import PRESETS
-    else:
-        from tasks.train_classifier import PRESETS
-    return PRESETS
+TRAINER_MODULES = {"dit": "tasks.train_dit", "classifier": "tasks.train_classifier"}
 
 
 def _config(kind: str, name: str) -> dict[str, Any]:
+    """The recipe's full config (preset + overrides, validated; a misspelt field fails here)."""
     preset, overrides = RECIPES[kind][name]
-    return {**_presets(kind)[preset].model_dump(), **overrides}
+    return build_config(kind, preset, overrides).model_dump()
 
 
 def _flags(preset: str, overrides: dict[str, Any]) -> list[str]:
@@ -131,7 +125,7 @@ def _train(kind: str, name: str, ref_path: Path, run_dir: Path, budget: float, r
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a fresh start: never resume another recipe's checkpoints
     preset, overrides = RECIPES[kind][name]
-    cmd = [sys.executable, "-m", TRAINERS[kind], "--dataset", str(ref_path)]
+    cmd = [sys.executable, "-m", TRAINER_MODULES[kind], "--dataset", str(ref_path)]
     cmd += ["--run-dir", str(run_dir), *_flags(preset, overrides), "--time-budget", str(budget)]
     cmd += ["--no-progress-bar"]
     print(f"[{kind} {name}] training for {budget} min", flush=True)

@@ -6,18 +6,15 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.bench_recipes import RECIPES, _config, _flags
-from tasks.train_classifier import PRESETS as CLASSIFIER_PRESETS
-from tasks.train_classifier import ClassifierConfig
 from tasks.train_config import build_parser, config_from_args
 from tasks.train_dit import PRESETS as DIT_PRESETS
 from tasks.train_dit import DiTConfig
-
-CLASSES = {"dit": (DiTConfig, DIT_PRESETS), "classifier": (ClassifierConfig, CLASSIFIER_PRESETS)}
+from tasks.trainers import TRAINERS
 
 
 @pytest.mark.parametrize(("kind", "name"), [(k, n) for k in RECIPES for n in RECIPES[k]])
 def test_recipe_flags_give_the_recipe_config(kind, name):
-    config_cls, presets = CLASSES[kind]
+    config_cls, presets = TRAINERS[kind].config_type, TRAINERS[kind].presets
     preset, overrides = RECIPES[kind][name]
     parser = build_parser(config_cls, presets, "")
     args = parser.parse_args(["--dataset", "d", "--run-dir", "r", *_flags(preset, overrides)])
