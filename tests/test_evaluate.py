@@ -42,8 +42,9 @@ FAST = {"samples_per_class": 5, "steps": 3, "kid_subsets": 10}
 
 @pytest.fixture(scope="module")
 def exports(oxford_mini_species_ref, tmp_path_factory):
-    """Real cpu-tiny trainings, cut to a few steps: a 64 px classifier and a 32 px DiT, the sizes
-    of the cpu-small presets, so that samples go through the resize to the classifier's size."""
+    """Real cpu-tiny trainings, cut to a few steps: a 64 px classifier and a 32 px DiT (the
+    classifier larger, as in the cpu-small presets), so that samples go through the resize to
+    the classifier's size."""
     torch.set_num_threads(2)
     root = tmp_path_factory.mktemp("exports")
     runs = {}
