@@ -74,18 +74,32 @@ DIT_RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     # Larger batches, fewer steps: 64 was the preset before 2026-12-02.
     "batch-64": ("cpu-small", dict(batch_size=64)),
     "batch-32": ("cpu-small", dict(batch_size=32)),
+    "batch-8": ("cpu-small", dict(batch_size=8)),
 }
+
+# ResNet-18 at 48 px, single view: the preset from 2026-12-02 until ResNet-10 replaced it.
+_RESNET18 = dict(backbone="resnet18", image_size=48, test_time_flip=False, eval_every_epochs=1)
 
 CLASSIFIER_RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     "cpu-small": ("cpu-small", {}),
-    # The preset before 2026-12-02: more pixels per image, fewer epochs.
-    "64px": ("cpu-small", dict(image_size=64)),
-    # The preset before 2026-11-29: 64 px with crops down to 35% of the area and colour jitter
-    # 0.2, too strong for a model that underfits in its few epochs.
-    "heavy-aug": ("cpu-small", dict(image_size=64, crop_scale_min=0.35, color_jitter=0.2)),
-    "96px": ("cpu-small", dict(image_size=96)),
+    # The same without averaging over the mirror at test time.
+    "no-flip-tta": ("cpu-small", dict(test_time_flip=False, eval_every_epochs=1)),
+    # More epochs at fewer pixels, and the reverse.
+    "48px": ("cpu-small", dict(image_size=48)),
+    "80px": ("cpu-small", dict(image_size=80)),
+    "lr-4e-3": ("cpu-small", dict(lr=4e-3)),
+    "resnet18-48px": ("cpu-small", _RESNET18),
+    # ResNet-18 at 64 px: the preset before 2026-12-02.
+    "resnet18-64px": ("cpu-small", {**_RESNET18, "image_size": 64}),
+    # ResNet-18 at 64 px with crops down to 35% of the area and colour jitter 0.2 (the preset
+    # before 2026-11-29): too strong for a model that underfits in its few epochs.
+    "resnet18-heavy-aug": (
+        "cpu-small",
+        {**_RESNET18, "image_size": 64, "crop_scale_min": 0.35, "color_jitter": 0.2},
+    ),
+    "resnet18-96px": ("cpu-small", {**_RESNET18, "image_size": 96}),
     # Half the batch: more steps for the same images (what won for the DiT).
-    "batch-32": ("cpu-small", dict(batch_size=32)),
+    "resnet18-batch-32": ("cpu-small", {**_RESNET18, "batch_size": 32}),
 }
 
 RECIPES = {"dit": DIT_RECIPES, "classifier": CLASSIFIER_RECIPES}

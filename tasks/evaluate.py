@@ -117,7 +117,9 @@ class ClassifierUnderTest:
     @torch.no_grad()
     def predict(self, images: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """images: (N, 3, H, W) float in [0, 1] (resized to the classifier's size if needed)
-        -> (predicted class ids (N,) int64, penultimate features (N, D) float32), on the CPU."""
+        -> (predicted class ids (N,) int64, penultimate features (N, D) float32), on the CPU.
+        A classifier exported with test_time_flip gives both for the image and its mirror,
+        averaged, to real and generated images alike."""
         preds, feats = [], []
         for batch in images.split(batch_size):
             x = batch.to(self.mean.device, torch.float32).clamp(0, 1)

@@ -56,8 +56,49 @@ def test_small_input_stem_keeps_more_resolution():
 
 
 def test_unknown_backbone_lists_the_valid_names():
-    with pytest.raises(ValueError, match="resnet18, resnet34, resnet50, mobilenet_v3_small"):
+    with pytest.raises(ValueError, match="resnet10, resnet18, resnet34, resnet50, mobilenet_v3"):
         build_classifier("vgg16", 3)
+
+
+def test_resnet10_is_resnet18_with_one_block_per_stage():
+    ten, eighteen = build_classifier("resnet10", 2), build_classifier("resnet18", 2)
+    for stage in ("layer1", "layer2", "layer3", "layer4"):
+        assert len(getattr(ten.backbone, stage)) == 1
+        assert len(getattr(eighteen.backbone, stage)) == 2
+    # Same stem, widths and head: only the second block of each stage is gone.
+    assert ten.backbone.conv1.weight.shape == eighteen.backbone.conv1.weight.shape
+    assert ten.feature_dim == eighteen.feature_dim == 512
+    params = sum(p.numel() for p in ten.parameters())
+    assert 4.8e6 < params < 5.0e6
+
+
+def test_test_time_flip_averages_the_mirror_in_eval_mode_only():
+    torch.manual_seed(0)
+    flipping = build_classifier("resnet10", 3, test_time_flip=True)
+    single = build_classifier("resnet10", 3)
+    single.load_state_dict(flipping.state_dict())
+    x = torch.randn(4, 3, 32, 32)
+    mirror = x.flip(-1)
+    with torch.no_grad():
+        flipping.eval(), single.eval()
+        torch.testing.assert_close(flipping(x), (single(x) + single(mirror)) / 2)
+        torch.testing.assert_close(flipping(mirror), flipping(x))
+        torch.testing.assert_close(flipping.head(flipping.forward_features(x)), flipping(x))
+        assert not torch.allclose(single(mirror), single(x))  # the mirror is a different view
+        flipping.train(), single.train()  # training sees the single view
+        torch.testing.assert_close(flipping(x), single(x))
+
+
+def test_pretrained_without_published_weights_fails_before_any_fetch(torch_home, monkeypatch):
+    # A closed port as the mirror: were a fetch attempted, the error would be a download error.
+    monkeypatch.setenv(WEIGHTS_URL_ENV, f"http://127.0.0.1:{_closed_port()}/models/")
+    with pytest.raises(
+        ValueError, match=r"'resnet10' has no published .*pretrained=False.*resnet18"
+    ):
+        build_classifier("resnet10", 2, pretrained=True)
+    with pytest.raises(ValueError, match="no published ImageNet weights"):
+        weights_url("resnet10")
+    assert not torch_home.exists()
 
 
 def test_zero_classes_is_an_error():

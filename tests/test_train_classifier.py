@@ -84,6 +84,18 @@ def test_load_classifier_in_a_fresh_process(trained, tmp_path):
         load_dit(run_dir)
 
 
+def test_test_time_flip_is_exported_and_used_by_the_loaded_model(oxford_mini_species_ref, tmp_path):
+    config = tiny(backbone="resnet10", steps=6, ckpt_every_steps=6, test_time_flip=True)
+    result = train_classifier(config, oxford_mini_species_ref, tmp_path)
+    assert json.loads(Path(result["files"]["config"]).read_text())["test_time_flip"] is True
+    model = load_classifier(tmp_path)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x.flip(-1)), model(x))
+        model.test_time_flip = False  # the same weights on the single view see a difference
+        assert not torch.allclose(model(x.flip(-1)), model(x))
+
+
 def test_exact_resume_after_an_interrupted_run(trained, oxford_mini_species_ref, tmp_path):
     """Augmentations draw from the global torch RNG: resume must restore it exactly."""
 
@@ -120,6 +132,8 @@ def test_bad_configs_fail_early_naming_the_field(oxford_mini_species_ref, tmp_pa
         tiny(backbone="resnet9")
     with pytest.raises(ValidationError, match=r"steps\n"):
         tiny(steps=0)
+    with pytest.raises(ValidationError, match=r"'resnet10' has no published ImageNet weights"):
+        tiny(backbone="resnet10", pretrained=True)
     with pytest.raises(ValueError, match=r"image_size=224: dataset .* has caches at \[32, 64\]"):
         train_classifier(tiny(image_size=224), oxford_mini_species_ref, tmp_path / "run")
     assert not (tmp_path / "run").exists()  # refused before any work
