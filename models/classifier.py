@@ -110,7 +110,7 @@ class Classifier(nn.Module):
         """x: (B, 3, H, W) float, normalised with IMAGENET_MEAN/STD -> (B, feature_dim) float."""
         if self.test_time_flip and not self.training:
             both = self.backbone(torch.cat([x, x.flip(-1)]))
-            return both.view(2, x.shape[0], -1).mean(0)
+            return both.unflatten(0, (2, x.shape[0])).mean(0)
         return self.backbone(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -325,19 +325,26 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Cla
     Returns an `eval()` model on `device` (no download: the weights come from the export) with
     `classes` (list[str]) and `export_config` (dict) attributes. Its input is (B, 3, S, S) float
     normalised with `export_config["normalisation"]`, S = `export_config["image_size"]`.
-    Raises FileNotFoundError / ValueError as `tasks.export.read_export`.
+    Raises FileNotFoundError / ValueError as `tasks.export.read_export`, and ValueError for a
+    `test_time_flip` that is not a boolean.
     """
     weights, config = read_export(path, "classifier")
     require_consistent(
         path, {"num_classes vs len(classes)": (config["num_classes"], len(config["classes"]))}
     )
+    # Exports from before the field existed predicted on the single view.
+    test_time_flip = config.get("test_time_flip", False)
+    if not isinstance(test_time_flip, bool):
+        raise ValueError(
+            f"{path}: config.json has test_time_flip={test_time_flip!r}; it must be true or "
+            "false (re-export the run, or fix the file)"
+        )
     model = build_classifier(
         config["backbone"],
         config["num_classes"],
         pretrained=False,
         small_input_stem=config["small_input_stem"],
-        # Exports from before the field existed predicted on the single view.
-        test_time_flip=config.get("test_time_flip", False),
+        test_time_flip=test_time_flip,
     )
     load_weights(model, weights, path)
     model.classes = list(config["classes"])

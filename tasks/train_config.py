@@ -37,6 +37,7 @@ RESUMABLE_FIELDS = frozenset(
         "sample_every",
         "sample_steps",
         "eval_every_epochs",
+        "test_time_flip",
         "progress_bar",
         "num_threads",
         "sdpa_backend",

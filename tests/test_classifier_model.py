@@ -85,6 +85,7 @@ def test_test_time_flip_averages_the_mirror_in_eval_mode_only():
         torch.testing.assert_close(flipping(mirror), flipping(x))
         torch.testing.assert_close(flipping.head(flipping.forward_features(x)), flipping(x))
         assert not torch.allclose(single(mirror), single(x))  # the mirror is a different view
+        assert flipping(torch.randn(0, 3, 32, 32)).shape == (0, 3)  # an empty batch
         flipping.train(), single.train()  # training sees the single view
         torch.testing.assert_close(flipping(x), single(x))
 

@@ -85,15 +85,32 @@ def test_load_classifier_in_a_fresh_process(trained, tmp_path):
 
 
 def test_test_time_flip_is_exported_and_used_by_the_loaded_model(oxford_mini_species_ref, tmp_path):
-    config = tiny(backbone="resnet10", steps=6, ckpt_every_steps=6, test_time_flip=True)
+    config = tiny(backbone="resnet10", steps=6, ckpt_every_steps=6)
+    single = train_classifier(config, oxford_mini_species_ref, tmp_path)
+    # Switching it on only changes what validation and the export see, so the finished run
+    # resumes (nothing left to train) and re-exports instead of refusing its checkpoint.
+    config = config.model_copy(update={"test_time_flip": True})
     result = train_classifier(config, oxford_mini_species_ref, tmp_path)
+    assert result["metrics"]["resumed_from_step"] == 6 and result["metrics"]["steps"] == 6
     assert json.loads(Path(result["files"]["config"]).read_text())["test_time_flip"] is True
+    assert (
+        load_file(result["files"]["weights"]).keys() == load_file(single["files"]["weights"]).keys()
+    )
     model = load_classifier(tmp_path)
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(model(x.flip(-1)), model(x))
         model.test_time_flip = False  # the same weights on the single view see a difference
         assert not torch.allclose(model(x.flip(-1)), model(x))
+
+
+def test_export_with_a_non_boolean_test_time_flip_is_refused(trained, tmp_path):
+    export = Path(trained[0]["run_dir"])
+    (tmp_path / "model.safetensors").write_bytes((export / "model.safetensors").read_bytes())
+    config = json.loads((export / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "test_time_flip": "false"}))
+    with pytest.raises(ValueError, match=r"test_time_flip='false'; it must be true or false"):
+        load_classifier(tmp_path)
 
 
 def test_exact_resume_after_an_interrupted_run(trained, oxford_mini_species_ref, tmp_path):
