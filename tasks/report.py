@@ -147,7 +147,19 @@ def compare(
             "the previous report used a different number of samples: FD/FID are biased by the "
             "sample count, so their deltas are not like-for-like"
         )
+    if current.dit and _judge(previous) != _judge(current):
+        notes.append(
+            "the previous report judged the DiT with another classifier (its weights or "
+            "config.json differ): conditional accuracy, FD, KID and precision/recall in "
+            "classifier features are not like-for-like"
+        )
     return deltas, [name for name, d in deltas.items() if d.regression], notes
+
+
+def _judge(report: Report) -> tuple[str, str] | None:
+    """The hashes of the classifier whose features and predictions judged the samples."""
+    c = report.classifier
+    return None if c is None else (c.weights_sha256, c.config_sha256)
 
 
 def _fmt(value: float | None) -> str:

@@ -264,8 +264,14 @@ def test_report_round_trips_through_json_and_shows_deltas_and_regressions(
     better.metrics["classifier.accuracy"] += 0.05
     better.metrics["classifier.macro_f1"] += 0.01  # within the 0.02 tolerance
     better.metrics["generator.classifier_fd"] /= 2
-    deltas, regressions, _ = compare(report, better, abs_threshold=0.02, rel_threshold=0.10)
+    deltas, regressions, notes = compare(report, better, abs_threshold=0.02, rel_threshold=0.10)
     assert set(regressions) == {"classifier.accuracy", "generator.classifier_fd"}
+    assert notes == []
+    # Another judge (here: other classifier weights) makes the generator deltas not comparable.
+    rejudged = better.model_copy(deep=True)
+    rejudged.classifier.weights_sha256 = "0" * 64
+    _, _, notes = compare(report, rejudged, abs_threshold=0.02, rel_threshold=0.10)
+    assert any("judged the DiT with another classifier" in note for note in notes), notes
     assert deltas["classifier.accuracy"].delta == pytest.approx(-0.05)
     previous = tmp_path / "better.json"
     previous.write_text(better.model_dump_json())
