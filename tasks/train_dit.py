@@ -152,8 +152,9 @@ PRESETS: dict[str, DiTConfig] = {
     # 1,567 steps of 64 there against 440-610 for the reference layout (width 256, depth 8) in
     # fp32. Batch 16: at the same images per second, batch 64 -> 32 -> 16 took the FD 6.0 -> 3.7
     # -> 2.6 and cat->cat 0.62 -> 0.82 -> 0.84 on an fp32-only CPU (~2,200 steps of 16; batch 8,
-    # with 3,600 steps, tied with 16). lr 1e-3 with QK-norm for stability. A conv stem, U-ViT long skips and a final
-    # 3x3 conv (Bao et al. 2023 §3.1) cost 5% of the steps and cut the FD from 3.1 to 1.9.
+    # with 3,600 steps, tied with 16). lr 1e-3 with QK-norm for stability. A conv stem, U-ViT
+    # long skips and a final 3x3 conv (Bao et al. 2023 §3.1) cost 5% of the steps and cut the FD
+    # from 3.1 to 1.9.
     # Heun 16 steps with CFG 5: FD 4.6 -> 1.9 against Euler 25 / CFG 2 on the same weights;
     # CFG 7 scores higher still but loses recall and overshoots the classifier's accuracy on
     # real cats, i.e. it exaggerates class cues.
