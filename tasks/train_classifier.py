@@ -326,12 +326,10 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Cla
     `classes` (list[str]) and `export_config` (dict) attributes. Its input is (B, 3, S, S) float
     normalised with `export_config["normalisation"]`, S = `export_config["image_size"]`.
     Raises FileNotFoundError / ValueError as `tasks.export.read_export`, and ValueError for a
-    `test_time_flip` that is not a boolean.
+    `test_time_flip` that is not a boolean, or an `image_size` / `test_time_flip` that contradicts
+    the export's `train_config`.
     """
     weights, config = read_export(path, "classifier")
-    require_consistent(
-        path, {"num_classes vs len(classes)": (config["num_classes"], len(config["classes"]))}
-    )
     # Exports from before the field existed predicted on the single view.
     test_time_flip = config.get("test_time_flip", False)
     if not isinstance(test_time_flip, bool):
@@ -339,6 +337,14 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Cla
             f"{path}: config.json has test_time_flip={test_time_flip!r}; it must be true or "
             "false (re-export the run, or fix the file)"
         )
+    # The top-level fields drive loading and evaluation; the training config they were exported
+    # from must agree, or a hand edit changed how the model is used without retraining it.
+    trained = config.get("train_config", {})
+    checks = {"num_classes vs len(classes)": (config["num_classes"], len(config["classes"]))}
+    for field, value in (("image_size", config["image_size"]), ("test_time_flip", test_time_flip)):
+        if field in trained:
+            checks[f"{field} vs train_config.{field}"] = (value, trained[field])
+    require_consistent(path, checks)
     model = build_classifier(
         config["backbone"],
         config["num_classes"],

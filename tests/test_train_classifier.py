@@ -113,6 +113,19 @@ def test_export_with_a_non_boolean_test_time_flip_is_refused(trained, tmp_path):
         load_classifier(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("field", "value"), [("test_time_flip", True), ("image_size", 64)], ids=["flip", "size"]
+)
+def test_export_contradicting_its_train_config_is_refused(trained, tmp_path, field, value):
+    export = Path(trained[0]["run_dir"])
+    (tmp_path / "model.safetensors").write_bytes((export / "model.safetensors").read_bytes())
+    config = json.loads((export / "config.json").read_text())
+    assert config[field] != value  # the cpu-tiny run: 32 px, single view
+    (tmp_path / "config.json").write_text(json.dumps({**config, field: value}))
+    with pytest.raises(ValueError, match=rf"contradicts itself \({field} vs train_config\.{field}"):
+        load_classifier(tmp_path)
+
+
 def test_exact_resume_after_an_interrupted_run(trained, oxford_mini_species_ref, tmp_path):
     """Augmentations draw from the global torch RNG: resume must restore it exactly."""
 
