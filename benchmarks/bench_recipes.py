@@ -75,6 +75,14 @@ DIT_RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     "batch-64": ("cpu-small", dict(batch_size=64)),
     "batch-32": ("cpu-small", dict(batch_size=32)),
     "batch-8": ("cpu-small", dict(batch_size=8)),
+    # Time sampling: uniform t instead of logit-normal (SD3 §3.1).
+    "uniform-t": ("cpu-small", dict(time_schedule="uniform")),
+    # The reference recipe's learning rate.
+    "lr-3e-4": ("cpu-small", dict(lr=3e-4)),
+    # The raw weights instead of an EMA (a decay of 0 makes the shadow a copy of the model).
+    "no-ema": ("cpu-small", dict(ema_decay=0.0)),
+    # The reference layout's width and depth (256 x 8 instead of DiT-Ti's 192 x 6).
+    "width-256-depth-8": ("cpu-small", dict(hidden_size=256, depth=8, num_heads=4)),
 }
 
 # ResNet-18 at 48 px, single view: the preset from 2026-12-02 until ResNet-10 replaced it.
