@@ -7,6 +7,7 @@ Run it in-process on an ephemeral Prefect server (``python -m flows.train_cats -
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import os
@@ -17,6 +18,8 @@ from typing import Any, Literal
 import yaml
 from prefect import flow
 from prefect.exceptions import ParameterTypeError
+from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as STARTUP_TIMEOUT
+from prefect.settings import temporary_settings
 from pydantic import BaseModel, ConfigDict, Field
 
 from data.dataset import DatasetSpec, default_data_dir, local_path, read_manifest
@@ -276,6 +279,15 @@ def _drop_none(value: Any) -> Any:
     return value
 
 
+def _patient_temporary_server() -> contextlib.AbstractContextManager:
+    """Wait up to 120 s (Prefect's default: 20) for the temporary server to start, unless the
+    user set PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: on a busy 2-core machine its
+    first start (a fresh database and its migrations) overran 20 s and failed the run."""
+    if STARTUP_TIMEOUT.name in os.environ:
+        return contextlib.nullcontext()
+    return temporary_settings({STARTUP_TIMEOUT: 120})
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m flows.train_cats`` and the ``train-cats`` console script.
 
@@ -306,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"parameters": params, "resolved": resolved}, indent=2))
         return 0
     try:
-        summary = train_cats(**params)
+        with _patient_temporary_server():
+            summary = train_cats(**params)
     except Exception as exc:  # Prefect has logged the traceback; end on the one line that matters
         print(f"train-cats: the flow run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

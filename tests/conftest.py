@@ -27,6 +27,8 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.update(
         PREFECT_HOME=str(root / "prefect"),
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        # The default 20 s wait for the temporary server timed out in CI on a busy 2-core host.
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
         TRAIN_CATS_DATA_DIR=str(root / "data"),
         TRAIN_CATS_RUNS_DIR=str(root / "runs"),
     )

@@ -18,6 +18,7 @@ from prefect.client.schemas.filters import (
     FlowRunFilterId,
 )
 from prefect.client.schemas.sorting import FlowRunSort
+from prefect.settings import temporary_settings
 
 from flows import train_cats as module
 from flows.train_cats import deployment_parameters, main, train_cats
@@ -144,6 +145,16 @@ def test_prefect_yaml_deployments_schedules_pool_and_concurrency():
 @flow(name="failing-training")
 def _failing_training(dataset: dict) -> None:
     train_dit_task(dataset, "failing/dit", "cpu-tiny", {})
+
+
+def test_cli_waits_longer_for_the_temporary_server_unless_told(monkeypatch):
+    timeout = module.STARTUP_TIMEOUT
+    monkeypatch.delenv(timeout.name, raising=False)
+    with module._patient_temporary_server():
+        assert timeout.value() == 120
+    monkeypatch.setenv(timeout.name, "7")  # the user's own choice stands
+    with temporary_settings({timeout: 7}), module._patient_temporary_server():
+        assert timeout.value() == 7
 
 
 def test_a_failed_training_leaves_a_failure_artifact(tmp_path):
