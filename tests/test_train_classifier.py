@@ -104,11 +104,18 @@ def test_test_time_flip_is_exported_and_used_by_the_loaded_model(oxford_mini_spe
         assert not torch.allclose(model(x.flip(-1)), model(x))
 
 
-def test_export_with_a_non_boolean_test_time_flip_is_refused(trained, tmp_path):
+def _edited_export(trained, folder: Path, **changes) -> dict:
+    """Copy the trained export into `folder` with `changes` to its config.json; returns the
+    original config."""
     export = Path(trained[0]["run_dir"])
-    (tmp_path / "model.safetensors").write_bytes((export / "model.safetensors").read_bytes())
+    (folder / "model.safetensors").write_bytes((export / "model.safetensors").read_bytes())
     config = json.loads((export / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**config, "test_time_flip": "false"}))
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+    return config
+
+
+def test_export_with_a_non_boolean_test_time_flip_is_refused(trained, tmp_path):
+    _edited_export(trained, tmp_path, test_time_flip="false")
     with pytest.raises(ValueError, match=r"test_time_flip='false'; it must be true or false"):
         load_classifier(tmp_path)
 
@@ -117,11 +124,8 @@ def test_export_with_a_non_boolean_test_time_flip_is_refused(trained, tmp_path):
     ("field", "value"), [("test_time_flip", True), ("image_size", 64)], ids=["flip", "size"]
 )
 def test_export_contradicting_its_train_config_is_refused(trained, tmp_path, field, value):
-    export = Path(trained[0]["run_dir"])
-    (tmp_path / "model.safetensors").write_bytes((export / "model.safetensors").read_bytes())
-    config = json.loads((export / "config.json").read_text())
+    config = _edited_export(trained, tmp_path, **{field: value})
     assert config[field] != value  # the cpu-tiny run: 32 px, single view
-    (tmp_path / "config.json").write_text(json.dumps({**config, field: value}))
     with pytest.raises(ValueError, match=rf"contradicts itself \({field} vs train_config\.{field}"):
         load_classifier(tmp_path)
 
