@@ -280,12 +280,11 @@ def _drop_none(value: Any) -> Any:
 
 
 def _patient_temporary_server() -> contextlib.AbstractContextManager:
-    """Wait up to 120 s (Prefect's default: 20) for the temporary server to start, unless the
-    user set PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: on a busy 2-core machine its
-    first start (a fresh database and its migrations) overran 20 s and failed the run."""
-    if STARTUP_TIMEOUT.name in os.environ:
-        return contextlib.nullcontext()
-    return temporary_settings({STARTUP_TIMEOUT: 120})
+    """Wait up to 120 s (Prefect's default: 20) for the temporary server to start: on a busy
+    2-core machine its first start (a fresh database and its migrations) overran 20 s and failed
+    the run. Only the default changes, so a PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS set
+    in the environment or the active Prefect profile still wins."""
+    return temporary_settings(set_defaults={STARTUP_TIMEOUT: 120})
 
 
 def main(argv: list[str] | None = None) -> int:

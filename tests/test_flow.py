@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +21,6 @@ from prefect.client.schemas.filters import (
     FlowRunFilterId,
 )
 from prefect.client.schemas.sorting import FlowRunSort
-from prefect.settings import temporary_settings
 
 from flows import train_cats as module
 from flows.train_cats import deployment_parameters, main, train_cats
@@ -147,14 +149,28 @@ def _failing_training(dataset: dict) -> None:
     train_dit_task(dataset, "failing/dit", "cpu-tiny", {})
 
 
-def test_cli_waits_longer_for_the_temporary_server_unless_told(monkeypatch):
-    timeout = module.STARTUP_TIMEOUT
-    monkeypatch.delenv(timeout.name, raising=False)
-    with module._patient_temporary_server():
-        assert timeout.value() == 120
-    monkeypatch.setenv(timeout.name, "7")  # the user's own choice stands
-    with temporary_settings({timeout: 7}), module._patient_temporary_server():
-        assert timeout.value() == 7
+_SHOW_STARTUP_TIMEOUT = """
+from flows.train_cats import STARTUP_TIMEOUT, _patient_temporary_server
+with _patient_temporary_server():
+    print(STARTUP_TIMEOUT.value())
+"""
+
+
+@pytest.mark.parametrize("set_in, expected", [(None, 120), ("environment", 7), ("profile", 7)])
+def test_cli_waits_longer_for_the_temporary_server_unless_told(tmp_path, set_in, expected):
+    # A fresh interpreter: Prefect reads the environment and the active profile when imported.
+    name = module.STARTUP_TIMEOUT.name
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env |= {"PREFECT_HOME": str(tmp_path), "PREFECT_PROFILES_PATH": str(tmp_path / "p.toml")}
+    profile = f'{name} = "7"' if set_in == "profile" else ""
+    (tmp_path / "p.toml").write_text(f'active = "mine"\n[profiles.mine]\n{profile}\n')
+    if set_in == "environment":
+        env[name] = "7"
+    shown = subprocess.run(
+        [sys.executable, "-c", _SHOW_STARTUP_TIMEOUT],
+        cwd=REPO, env=env, capture_output=True, text=True, check=True, timeout=120,
+    ).stdout  # fmt: skip
+    assert shown.split() == [str(expected)]
 
 
 def test_a_failed_training_leaves_a_failure_artifact(tmp_path):
