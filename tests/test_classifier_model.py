@@ -56,7 +56,7 @@ def test_small_input_stem_keeps_more_resolution():
 
 
 def test_unknown_backbone_lists_the_valid_names():
-    with pytest.raises(ValueError, match="resnet10, resnet18, resnet34, resnet50, mobilenet_v3"):
+    with pytest.raises(ValueError, match="resnet8, resnet10, resnet18, resnet34, resnet50, mobile"):
         build_classifier("vgg16", 3)
 
 
@@ -70,6 +70,20 @@ def test_resnet10_is_resnet18_with_one_block_per_stage():
     assert ten.feature_dim == eighteen.feature_dim == 512
     params = sum(p.numel() for p in ten.parameters())
     assert 4.8e6 < params < 5.0e6
+
+
+def test_resnet8_is_resnet10_without_its_last_stage():
+    eight, ten = build_classifier("resnet8", 2), build_classifier("resnet10", 2)
+    assert isinstance(eight.backbone.layer4, nn.Identity)
+    # Every other weight has ResNet-10's name and shape, so nothing else changed.
+    kept = {k: v.shape for k, v in ten.state_dict().items() if not k.startswith("backbone.layer4")}
+    kept["head.weight"] = torch.Size([2, 256])
+    assert {k: v.shape for k, v in eight.state_dict().items()} == kept
+    assert eight.feature_dim == 256
+    assert 1.2e6 < sum(p.numel() for p in eight.parameters()) < 1.3e6
+    # At 64 px, the last map is 4x4 (total stride 16) instead of ResNet-10's 2x2.
+    trunk = nn.Sequential(*list(eight.backbone.children())[:-2]).eval()
+    assert trunk(torch.randn(1, 3, 64, 64)).shape == (1, 256, 4, 4)
 
 
 def test_test_time_flip_averages_the_mirror_in_eval_mode_only():

@@ -85,7 +85,7 @@ def test_load_classifier_in_a_fresh_process(trained, tmp_path):
 
 
 def test_test_time_flip_is_exported_and_used_by_the_loaded_model(oxford_mini_species_ref, tmp_path):
-    config = tiny(backbone="resnet10", steps=6, ckpt_every_steps=6)
+    config = tiny(backbone=PRESETS["cpu-small"].backbone, steps=6, ckpt_every_steps=6)
     single = train_classifier(config, oxford_mini_species_ref, tmp_path)
     # Switching it on only changes what validation and the export see, so the finished run
     # resumes (nothing left to train) and re-exports instead of refusing its checkpoint.
