@@ -96,6 +96,9 @@ CLASSIFIER_RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     "cpu-small": ("cpu-small", {}),
     # Fewer or more pixels: more epochs at less detail, and the reverse.
     "80px": ("cpu-small", dict(image_size=80)),
+    "lr-4e-3": ("cpu-small", dict(lr=4e-3)),
+    # Half the batch: twice the optimizer steps for the same images.
+    "batch-32": ("cpu-small", dict(batch_size=32)),
     # ResNet-8 plus the last stage: more capacity, half the images per second on AVX2.
     "resnet10": ("cpu-small", _RESNET10),
     # The same without averaging over the mirror at test time.
