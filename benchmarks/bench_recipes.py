@@ -94,7 +94,7 @@ _RESNET18 = dict(backbone="resnet18", image_size=48, test_time_flip=False, **_EV
 
 CLASSIFIER_RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     "cpu-small": ("cpu-small", {}),
-    # Fewer or more pixels: more epochs at less detail, and the reverse.
+    # More detail, fewer epochs.
     "80px": ("cpu-small", dict(image_size=80)),
     "lr-4e-3": ("cpu-small", dict(lr=4e-3)),
     # Half the batch: twice the optimizer steps for the same images.
