@@ -99,6 +99,13 @@ CLASSIFIER_RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     "lr-4e-3": ("cpu-small", dict(lr=4e-3)),
     # Half the batch: twice the optimizer steps for the same images.
     "batch-32": ("cpu-small", dict(batch_size=32)),
+    # Training crops smaller than the 64 px images; validated and exported at 64 px with the
+    # BatchNorm statistics re-estimated there (FixRes).
+    "train-40px": ("cpu-small", dict(train_image_size=40)),
+    "train-48px": ("cpu-small", dict(train_image_size=48)),
+    "train-56px": ("cpu-small", dict(train_image_size=56)),
+    # The same with crops down to half the area: more augmentation for the longer run.
+    "train-48px-crops-50": ("cpu-small", dict(train_image_size=48, crop_scale_min=0.5)),
     # ResNet-8 plus the last stage: more capacity, half the images per second on AVX2.
     "resnet10": ("cpu-small", _RESNET10),
     # The same without averaging over the mirror at test time.

@@ -14,8 +14,20 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
+from data.dataset import open_split
 from models.classifier import Classifier
-from tasks.train_classifier import PRESETS, ClassifierConfig, load_classifier, train_classifier
+from tasks import train_classifier as train_classifier_module
+from tasks.checkpoint import load_latest
+from tasks.train_classifier import (
+    PRESETS,
+    ClassifierConfig,
+    _augmentation,
+    _normalise,
+    evaluate,
+    load_classifier,
+    recalibrate_batchnorm,
+    train_classifier,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,6 +116,53 @@ def test_test_time_flip_is_exported_and_used_by_the_loaded_model(oxford_mini_spe
         assert not torch.allclose(model(x.flip(-1)), model(x))
 
 
+def test_smaller_training_crops_are_validated_and_exported_at_the_test_resolution(
+    oxford_mini_species_ref, tmp_path, monkeypatch
+):
+    """FixRes: 32 px training crops; validation and the export at 64 px, with BatchNorm
+    statistics re-estimated on whole 64 px training images, while the checkpoint keeps the
+    statistics that training goes on from."""
+    config = tiny(
+        backbone=PRESETS["cpu-small"].backbone,
+        image_size=64,
+        train_image_size=32,
+        steps=6,
+        ckpt_every_steps=6,
+        eval_batch_size=4096,  # the whole training split in one batch: plain statistics below
+    )
+    assert _augmentation(config)(torch.zeros(3, 64, 64, dtype=torch.uint8)).shape == (3, 32, 32)
+    result = train_classifier(config, oxford_mini_species_ref, tmp_path)
+    exported = load_classifier(tmp_path)
+    assert exported.export_config["image_size"] == 64
+
+    weights, trained = load_file(result["files"]["weights"]), load_latest(tmp_path)["model"]
+    assert weights.keys() == trained.keys()
+    statistics = {k for k in weights if "running_" in k or k.endswith("num_batches_tracked")}
+    for key in weights.keys() - statistics:  # the learnt weights are the trained ones
+        torch.testing.assert_close(weights[key], trained[key], rtol=0, atol=0, msg=key)
+    mean = "backbone.bn1.running_mean"
+    assert not torch.allclose(weights[mean], trained[mean], atol=1e-3)
+
+    # The stem's BatchNorm now holds the statistics of the stem's output on 64 px images.
+    split = open_split(oxford_mini_species_ref, 64, "train")
+    images = torch.stack([torch.tensor(split[i][0]).permute(2, 0, 1) for i in range(len(split))])
+    with torch.no_grad():
+        stem = exported.backbone.conv1(_normalise(images, torch.device("cpu")))
+    bn = exported.backbone.bn1
+    torch.testing.assert_close(bn.running_mean, stem.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bn.running_var, stem.var((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    # With fewer images than the split, they are spread over it: two are its first and last.
+    monkeypatch.setattr(train_classifier_module, "BN_RECALIBRATION_IMAGES", 2)
+    two = recalibrate_batchnorm(exported, split, 4096, torch.device("cpu"))
+    torch.testing.assert_close(two.backbone.bn1.running_mean, stem[[0, -1]].mean((0, 2, 3)))
+    # ...and the figures reported are the exported model's.
+    val = evaluate(
+        exported, open_split(oxford_mini_species_ref, 64, "val"), 256, torch.device("cpu")
+    )
+    assert result["metrics"]["val_accuracy"] == val["val_accuracy"]
+    assert result["metrics"]["val_loss"] == pytest.approx(val["val_loss"], abs=1e-6)
+
+
 def _edited_export(trained, folder: Path, **changes) -> dict:
     """Copy the trained export into `folder` with `changes` to its config.json; returns the
     original config."""
@@ -166,6 +225,8 @@ def test_bad_configs_fail_early_naming_the_field(oxford_mini_species_ref, tmp_pa
         tiny(backbone="resnet9")
     with pytest.raises(ValidationError, match=r"steps\n"):
         tiny(steps=0)
+    with pytest.raises(ValidationError, match=r"train_image_size=48 exceeds image_size=32"):
+        tiny(train_image_size=48)
     with pytest.raises(ValidationError, match=r"'resnet10' has no published ImageNet weights"):
         tiny(backbone="resnet10", pretrained=True)
     with pytest.raises(ValueError, match=r"image_size=224: dataset .* has caches at \[32, 64\]"):
