@@ -100,7 +100,7 @@ def run_one(model: str, preset: str, steps: int, dataset: str, run_dir: str) -> 
         "batch_size": config.batch_size,
         # The resolution the step computes on: a classifier may train on crops smaller than
         # the images it is validated on.
-        "image_size": getattr(config, "train_image_size", None) or config.image_size,
+        "image_size": getattr(config, "train_size", config.image_size),
         "step_s": step_s,
         "images_per_s": config.batch_size / step_s,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,

@@ -99,9 +99,14 @@ class ClassifierConfig(TrainConfig):
             raise ValueError(f"unknown backbone {value!r}; choose one of {sorted(BACKBONES)}")
         return value
 
+    @property
+    def train_size(self) -> int:
+        """The training crops' side in px: `train_image_size`, else `image_size`."""
+        return self.train_image_size or self.image_size
+
     @model_validator(mode="after")
     def _train_crops_fit(self) -> ClassifierConfig:
-        if self.train_image_size is not None and self.train_image_size > self.image_size:
+        if self.train_size > self.image_size:
             raise ValueError(
                 f"train_image_size={self.train_image_size} exceeds image_size={self.image_size}: "
                 "the crops are cut from the image_size cache, so upsampling them adds no detail; "
@@ -191,11 +196,7 @@ def _augmentation(config: ClassifierConfig) -> v2.Compose:
     """Per-image training augmentation on (3, H, W) uint8; draws from torch's global RNG, whose
     state the checkpoints carry, so resumed runs augment identically."""
     steps: list[v2.Transform] = [
-        v2.RandomResizedCrop(
-            config.train_image_size or config.image_size,
-            scale=(config.crop_scale_min, 1.0),
-            antialias=True,
-        )
+        v2.RandomResizedCrop(config.train_size, scale=(config.crop_scale_min, 1.0), antialias=True)
     ]
     if config.flip:
         steps.append(v2.RandomHorizontalFlip())
@@ -335,7 +336,7 @@ def train_classifier(
     train_model = maybe_compile(model, config.compile)
     model.train()
     eval_every = loader.steps_per_epoch * config.eval_every_epochs
-    recalibrate = (config.train_image_size or config.image_size) < config.image_size
+    recalibrate = config.train_size < config.image_size
 
     def test_model() -> Classifier:
         """The model as validated and exported: with statistics at the test resolution."""

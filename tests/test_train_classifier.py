@@ -16,7 +16,6 @@ from safetensors.torch import load_file
 
 from data.dataset import open_split
 from models.classifier import Classifier
-from tasks import train_classifier as train_classifier_module
 from tasks.checkpoint import load_latest
 from tasks.train_classifier import (
     PRESETS,
@@ -152,7 +151,7 @@ def test_smaller_training_crops_are_validated_and_exported_at_the_test_resolutio
     torch.testing.assert_close(bn.running_mean, stem.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(bn.running_var, stem.var((0, 2, 3)), rtol=1e-4, atol=1e-5)
     # With fewer images than the split, they are spread over it: two are its first and last.
-    monkeypatch.setattr(train_classifier_module, "BN_RECALIBRATION_IMAGES", 2)
+    monkeypatch.setattr("tasks.train_classifier.BN_RECALIBRATION_IMAGES", 2)
     two = recalibrate_batchnorm(exported, split, 4096, torch.device("cpu"))
     torch.testing.assert_close(two.backbone.bn1.running_mean, stem[[0, -1]].mean((0, 2, 3)))
     # ...and the figures reported are the exported model's.
