@@ -106,6 +106,12 @@ CLASSIFIER_RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     "train-56px": ("cpu-small", dict(train_image_size=56)),
     # The same with crops down to half the area: more augmentation for the longer run.
     "train-48px-crops-50": ("cpu-small", dict(train_image_size=48, crop_scale_min=0.5)),
+    # 48 px crops, then the last 20% of the steps on 64 px ones: FixRes's fine-tuning at the test
+    # resolution, which also re-learns the BatchNorm statistics there.
+    "train-48px-finetune-20": (
+        "cpu-small",
+        dict(train_image_size=48, test_size_finetune_fraction=0.2),
+    ),
     # ResNet-8 plus the last stage: more capacity, half the images per second on AVX2.
     "resnet10": ("cpu-small", _RESNET10),
     # The same without averaging over the mirror at test time.

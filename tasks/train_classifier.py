@@ -10,7 +10,9 @@ validation accuracy every `eval_every_epochs` epochs, checkpoint every `ckpt_eve
 `time_budget_minutes` plans the step count from measured throughput (`tasks.budget`).
 With `train_image_size` below `image_size` the crops are smaller than the validation images,
 which trains faster; the model is then validated and exported with its BatchNorm statistics
-re-estimated at `image_size` (`recalibrate_batchnorm`, after FixRes).
+re-estimated at `image_size` (`recalibrate_batchnorm`, after FixRes). With
+`test_size_finetune_fraction` the last part of the run trains on `image_size` crops instead
+(`CropSizeSchedule`): FixRes's fine-tuning at the test resolution, folded into the run.
 
 The export is `model.safetensors` + `config.json`; `load_classifier` rebuilds the model from them.
 
@@ -83,6 +85,13 @@ class ClassifierConfig(TrainConfig):
         description="RandomResizedCrop output in px (default: image_size); below image_size it "
         "trains faster while validation and the export stay at image_size (FixRes)",
     )
+    test_size_finetune_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="final share of the planned steps trained on image_size crops rather than "
+        "train_image_size ones (FixRes fine-tuning at the test resolution)",
+    )
     crop_scale_min: float = Field(0.35, gt=0, le=1, description="RandomResizedCrop min area")
     color_jitter: float = Field(0.2, ge=0, description="brightness/contrast/saturation strength")
     flip: bool = Field(True, description="random horizontal flips")
@@ -111,6 +120,12 @@ class ClassifierConfig(TrainConfig):
                 f"train_image_size={self.train_image_size} exceeds image_size={self.image_size}: "
                 "the crops are cut from the image_size cache, so upsampling them adds no detail; "
                 "lower train_image_size, or raise image_size (a cache at that size)"
+            )
+        if self.test_size_finetune_fraction > 0 and self.train_size == self.image_size:
+            raise ValueError(
+                f"test_size_finetune_fraction={self.test_size_finetune_fraction} fine-tunes at "
+                f"image_size={self.image_size}, which the run already trains at; set "
+                "train_image_size below image_size, or the fraction to 0"
             )
         return self
 
@@ -192,11 +207,39 @@ PRESETS: dict[str, ClassifierConfig] = {
 }
 
 
-def _augmentation(config: ClassifierConfig) -> v2.Compose:
-    """Per-image training augmentation on (3, H, W) uint8; draws from torch's global RNG, whose
-    state the checkpoints carry, so resumed runs augment identically."""
+class CropSizeSchedule:
+    """The side in px of the training crops at each step: `config.train_size` until the final
+    `test_size_finetune_fraction` of the planned steps, then `config.image_size` (Touvron et al.
+    2019, "Fixing the train-test resolution discrepancy", §4.2: fine-tune at the test resolution).
+
+    Under a time budget the plan moves as throughput is measured, and the larger crops slow each
+    step, which shortens it; so the switch, once made, holds for the rest of the run, and the
+    checkpoints carry it (`state_dict`) so a resumed run trains on the same crops.
+    """
+
+    def __init__(self, config: ClassifierConfig) -> None:
+        self.small, self.large = config.train_size, config.image_size
+        self.fraction = config.test_size_finetune_fraction
+        self.switch_step: int | None = None
+
+    def size(self, step: int, total: int) -> int:
+        """The crop side for update number `step` (0-based) of `total` planned."""
+        if self.switch_step is None and self.fraction > 0 and step >= (1 - self.fraction) * total:
+            self.switch_step = step
+        return self.small if self.switch_step is None else self.large
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"switch_step": self.switch_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.switch_step = state["switch_step"]
+
+
+def _augmentation(config: ClassifierConfig, size: int) -> v2.Compose:
+    """Per-image training augmentation on (3, H, W) uint8 to (3, size, size); draws from torch's
+    global RNG, whose state the checkpoints carry, so resumed runs augment identically."""
     steps: list[v2.Transform] = [
-        v2.RandomResizedCrop(config.train_size, scale=(config.crop_scale_min, 1.0), antialias=True)
+        v2.RandomResizedCrop(size, scale=(config.crop_scale_min, 1.0), antialias=True)
     ]
     if config.flip:
         steps.append(v2.RandomHorizontalFlip())
@@ -330,17 +373,19 @@ def train_classifier(
     train_split = open_split(ref, config.image_size, "train")
     loader = PackedBatches(train_split, config.batch_size, config.seed)
     val_split = open_split(ref, config.image_size, "val")
-    parts = {"model": model, "optimizer": optimizer, "loader": loader}
+    crop_sizes = CropSizeSchedule(config)
+    parts = {"model": model, "optimizer": optimizer, "loader": loader, "crop_sizes": crop_sizes}
     run = TrainingRun(config, ref.version, run_dir, budget, schedule, parts, progress, "classifier")
-    augment = _augmentation(config)
+    augmentations = {
+        size: _augmentation(config, size) for size in {config.train_size, config.image_size}
+    }
     train_model = maybe_compile(model, config.compile)
     model.train()
     eval_every = loader.steps_per_epoch * config.eval_every_epochs
-    recalibrate = config.train_size < config.image_size
 
     def test_model() -> Classifier:
         """The model as validated and exported: with statistics at the test resolution."""
-        if not recalibrate:
+        if crop_sizes.size(run.step, run.total) == config.image_size:
             return model
         return recalibrate_batchnorm(
             model, train_split, config.eval_batch_size, device, config.precision
@@ -354,6 +399,10 @@ def train_classifier(
 
     while run.active():
         images, labels = loader.next()
+        crop_size = crop_sizes.size(run.step, run.total)
+        if crop_sizes.switch_step == run.step:
+            run.log.write({"kind": "crop_size", "step": run.step, "crop_size": crop_size})
+        augment = augmentations[crop_size]
         images = torch.stack([augment(image) for image in images])
         x = _normalise(images, device)
         labels = labels.to(device, non_blocking=True)

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from data.dataset import open_split
-from models.classifier import Classifier
+from models.classifier import Classifier, build_classifier
 from tasks.checkpoint import load_latest
 from tasks.train_classifier import (
     PRESETS,
@@ -129,7 +129,9 @@ def test_smaller_training_crops_are_validated_and_exported_at_the_test_resolutio
         ckpt_every_steps=6,
         eval_batch_size=4096,  # the whole training split in one batch: plain statistics below
     )
-    assert _augmentation(config)(torch.zeros(3, 64, 64, dtype=torch.uint8)).shape == (3, 32, 32)
+    assert _augmentation(config, config.train_size)(
+        torch.zeros(3, 64, 64, dtype=torch.uint8)
+    ).shape == (3, 32, 32)
     result = train_classifier(config, oxford_mini_species_ref, tmp_path)
     exported = load_classifier(tmp_path)
     assert exported.export_config["image_size"] == 64
@@ -160,6 +162,55 @@ def test_smaller_training_crops_are_validated_and_exported_at_the_test_resolutio
     )
     assert result["metrics"]["val_accuracy"] == val["val_accuracy"]
     assert result["metrics"]["val_loss"] == pytest.approx(val["val_loss"], abs=1e-6)
+
+
+def test_the_final_share_of_the_steps_fine_tunes_at_the_test_resolution(
+    oxford_mini_species_ref, tmp_path, monkeypatch
+):
+    """32 px crops, then 64 px ones for the last half of the planned steps; the switch survives
+    a resume that lengthens the run, and the export keeps the statistics trained at 64 px."""
+    sizes: list[int] = []
+
+    def observed(*args, **kwargs) -> Classifier:
+        model = build_classifier(*args, **kwargs)
+        # Training passes only: validation and BatchNorm re-estimation run without gradients.
+        model.register_forward_pre_hook(
+            lambda _, inputs: sizes.append(inputs[0].shape[-1]) if torch.is_grad_enabled() else None
+        )
+        return model
+
+    monkeypatch.setattr("tasks.train_classifier.build_classifier", observed)
+
+    def stop_at_5(row: dict) -> None:
+        if row["step"] == 5:
+            raise _Stop
+
+    config = tiny(
+        image_size=64,
+        train_image_size=32,
+        test_size_finetune_fraction=0.5,
+        steps=6,
+        log_every=1,
+        ckpt_every_steps=4,
+    )
+    with pytest.raises(_Stop):
+        train_classifier(config, oxford_mini_species_ref, tmp_path, progress=stop_at_5)
+    assert sizes == [32, 32, 32, 64, 64]
+    # Twice the steps: planned afresh, the switch would come at step 10, but it has happened.
+    sizes.clear()
+    result = train_classifier(
+        config.model_copy(update={"steps": 12}), oxford_mini_species_ref, tmp_path
+    )
+    assert result["metrics"]["resumed_from_step"] == 4
+    assert sizes == [64] * 8
+    log = [json.loads(line) for line in Path(result["files"]["metrics"]).read_text().splitlines()]
+    assert [r for r in log if r["kind"] == "crop_size"] == [
+        {"kind": "crop_size", "step": 3, "crop_size": 64}
+    ]
+    # The model ends on 64 px crops, so it is exported with its own statistics.
+    weights, trained = load_file(result["files"]["weights"]), load_latest(tmp_path)["model"]
+    for key in weights:
+        torch.testing.assert_close(weights[key], trained[key], rtol=0, atol=0, msg=key)
 
 
 def _edited_export(trained, folder: Path, **changes) -> dict:
@@ -226,6 +277,10 @@ def test_bad_configs_fail_early_naming_the_field(oxford_mini_species_ref, tmp_pa
         tiny(steps=0)
     with pytest.raises(ValidationError, match=r"train_image_size=48 exceeds image_size=32"):
         tiny(train_image_size=48)
+    with pytest.raises(
+        ValidationError, match=r"fine-tunes at image_size=32, which the run already"
+    ):
+        tiny(test_size_finetune_fraction=0.2)
     with pytest.raises(ValidationError, match=r"'resnet10' has no published ImageNet weights"):
         tiny(backbone="resnet10", pretrained=True)
     with pytest.raises(ValueError, match=r"image_size=224: dataset .* has caches at \[32, 64\]"):
