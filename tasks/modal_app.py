@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 import modal
 
@@ -40,22 +40,9 @@ PYTHON_SOURCES = ("data", "models", "tasks")
 # Non-Python files the code reads at run time, as (path in the repo, path in the container).
 # ``add_local_python_source`` carries only ``*.py``; anything else must be listed here.
 DATA_FILES: tuple[tuple[str, str], ...] = ()
-# Exact versions, equal to the ones the test suite runs against (checked by the tests).
-PIP_PACKAGES = (
-    "torch==2.14.1",
-    "torchvision==0.29.1",
-    "prefect==3.9.1",
-    "pillow==13.0.0",
-    "numpy==2.4.6",
-    "requests==2.34.2",
-    "tqdm==4.70.1",
-    "filelock==4.3.1",
-    "pydantic==2.14.4",
-    "safetensors==0.8.0",
-    "torchmetrics==1.9.0",
-    "torch-fidelity==0.4.0",  # torchmetrics pulls it only via its [image] extra
-    "urllib3==2.8.0",
-)
+# Every third-party package, at the exact version the test suite runs against: the same lock file
+# that setup.sh installs (tests/test_modal_image.py checks both against it).
+LOCK_FILE = Path(__file__).resolve().parents[1] / "requirements.lock"
 
 # Modal's ceiling is 24 h per attempt; the trainings' own time budget is the real cap on spend.
 TRAIN_TIMEOUT_S = 24 * 60 * 60
@@ -66,10 +53,12 @@ COMMIT_EVERY_S = 300.0
 
 
 def build_image() -> modal.Image:
-    """The container image: Debian slim, pinned wheels, the project's packages and data files."""
+    """The container image: Debian slim, the locked wheels, the project's packages and data files."""
     image = (
         modal.Image.debian_slim(python_version="3.11")
-        .pip_install(*PIP_PACKAGES)
+        # Read when the image is built (on `modal deploy`/`modal run`), not when a container
+        # imports this module, so the file need not be in the image itself.
+        .pip_install_from_requirements(str(LOCK_FILE))
         .env(
             {
                 "TRAIN_CATS_DATA_DIR": str(DATA_MOUNT),

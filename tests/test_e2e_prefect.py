@@ -58,9 +58,20 @@ def _cli(env: dict, *args: str, timeout: float = 120) -> subprocess.CompletedPro
     return result
 
 
+def require_chromium() -> None:
+    """Fail (never skip) at once, before any server starts, when the browser is missing."""
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(
+            f"Chromium is not installed ({CHROMIUM} missing): install it with "
+            "`sudo apt-get install -y chromium` (as root, `bash setup.sh --dev` does it)",
+            pytrace=False,
+        )
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, shared_datasets):
     """Prefect server + work pool + deployments + process worker + dataset server."""
+    require_chromium()
     root = tmp_path_factory.mktemp("e2e")
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
@@ -239,3 +250,9 @@ def test_deployment_runs_end_to_end_and_the_ui_shows_it(stack):
     # the evaluation report's inline pictures render.
     shots = _check_ui(f"http://127.0.0.1:{stack['port']}", first["id"], report["id"])
     print("UI screenshots:", *map(str, shots))
+
+
+def test_a_missing_chromium_fails_with_the_command_that_installs_it(monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "CHROMIUM", "/nonexistent/chromium")
+    with pytest.raises(pytest.fail.Exception, match=r"apt-get install -y chromium"):
+        require_chromium()

@@ -4,23 +4,25 @@ The file set is computed from the image definition itself (the same objects ``mo
 uploads), copied alone into a temporary folder that stands for the container's ``/root``, and the
 remote functions' modules are imported and ``data/download.py --help`` is run there, by a Python that
 cannot see the repository. Its third-party packages come from a view of the venv's site-packages
-holding only what ``pip install`` of ``PIP_PACKAGES`` (plus Modal's own client) would install: the
-pins' dependency closure. A file or a wheel missing from the image fails here, not on a GPU at 3 a.m.
+holding only what the image's ``pip install -r requirements.lock`` installs. The image must install
+exactly that lock, whose versions tests/test_lock.py checks against this venv. A file or a wheel
+missing from the image fails here, not on a GPU at 3 a.m.
 """
 
 from __future__ import annotations
 
+import inspect
 import shutil
 import subprocess
 import sys
 import warnings
-from importlib.metadata import PackageNotFoundError, distribution, version
+from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path, PurePosixPath
 
 import modal
 import modal.mount
 import pytest
-import tomllib
+from lockfile import RUNTIME_LOCK, read_lock
 from modal._utils.async_utils import synchronizer
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -31,11 +33,6 @@ REPO = Path(__file__).resolve().parents[1]
 CONTAINER_ROOT = PurePosixPath("/root")
 # The walk below uses Modal internals; they are checked against this exact client version.
 MODAL_VERSION = "1.6.4"
-# pyproject dependencies the image need not pin, and why.
-NOT_PINNED = {
-    "modal": "Modal installs its own client in every container",
-    "pyyaml": "only flows/ imports it (Prefect side); flows/ is not in the image",
-}
 
 
 def remote_functions() -> dict[str, modal.Function]:
@@ -58,6 +55,29 @@ def _mounts(*objects) -> list:
         if getattr(obj, "_deps", None):
             stack.extend(obj._deps())
     return mounts
+
+
+def image_layers() -> list[tuple[list[str], dict[str, str]]]:
+    """(Dockerfile commands, context files) of every layer of the image, at Modal's newest image
+    builder version, as `modal deploy` would send them."""
+    from modal._image import LATEST_IMAGE_BUILDER_VERSION
+
+    layers, stack, seen = [], [synchronizer._translate_in(modal_app.image)], set()
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        load = getattr(obj, "_load", None)
+        build = load and inspect.getclosurevars(load).nonlocals.get("dockerfile_function")
+        if build:
+            spec = build(LATEST_IMAGE_BUILDER_VERSION)
+            layers.append((spec.commands, dict(spec.context_files)))
+        if getattr(obj, "_deps", None):
+            stack.extend(obj._deps())
+    if not layers:
+        pytest.fail("walking the Modal image found no layers: Modal's internals changed")
+    return layers
 
 
 def container_files() -> dict[PurePosixPath, Path]:
@@ -106,9 +126,11 @@ def pip_closure(requirements: list[str]) -> list:
 
 @pytest.fixture(scope="module")
 def wheels(tmp_path_factory) -> Path:
-    """A site-packages holding only the pinned wheels' closure, as symlinks into the venv."""
+    """A site-packages holding only the locked wheels (and their closure, which the lock must
+    already hold), as symlinks into the venv."""
     view = tmp_path_factory.mktemp("site-packages")
-    for dist in pip_closure([*modal_app.PIP_PACKAGES, f"modal=={modal.__version__}"]):
+    locked = [f"{name}=={pinned}" for name, pinned in read_lock(RUNTIME_LOCK).items()]
+    for dist in pip_closure(locked):
         for file in dist.files or []:
             source = Path(dist.locate_file(file))
             if file.parts[0] == ".." or not source.is_file():  # scripts in bin/, absent .pyc
@@ -156,23 +178,19 @@ def test_image_carries_the_shared_package_list_and_data_files():
     assert all(p.suffix == ".py" for p, _ in files.items() if p not in dict(modal_app.DATA_FILES))
 
 
-def test_every_dependency_is_pinned_in_the_image_at_the_tested_version():
-    pins = {}
-    for requirement in modal_app.PIP_PACKAGES:
-        name, pinned = requirement.split("==")
-        assert version(name) == pinned, f"image pins {requirement}, tests run {version(name)}"
-        pins[canonicalize_name(name)] = pinned
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    for dependency in map(Requirement, project["dependencies"]):
-        name = canonicalize_name(dependency.name)
-        if name not in NOT_PINNED:
-            assert pins.get(name) == version(name), (
-                f"pyproject depends on {name}, so PIP_PACKAGES must pin {name}=={version(name)}"
-            )
+def test_the_image_installs_the_lock_and_nothing_else():
+    requirement_files = [files for _, files in image_layers() if "/.requirements.txt" in files]
+    assert [Path(f["/.requirements.txt"]) for f in requirement_files] == [RUNTIME_LOCK]
+    ours = [c for commands, _ in image_layers() for c in commands if "pip install" in c]
+    # Modal's own base layer upgrades pip/wheel/uv; every other install is the lock's.
+    assert [c for c in ours if "--upgrade pip" not in c] == [
+        "RUN python -m pip install -r /.requirements.txt"
+    ]
 
 
 def test_the_wheels_view_holds_the_pins_and_nothing_unpinned(wheels):
-    assert (wheels / "torch_fidelity" / "__init__.py").is_file()  # pinned, not via an extra
+    assert (wheels / "torch_fidelity" / "__init__.py").is_file()  # locked, not via an extra
+    assert (wheels / "modal" / "__init__.py").is_file()
     assert not (wheels / "pytest").exists() and not (wheels / "ruff").exists()  # dev tools
 
 
