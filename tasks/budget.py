@@ -2,11 +2,23 @@
 
 The first `skip_steps` steps of each process (allocator growth, `torch.compile`, cold page cache)
 are not timed; after them the seconds per step are the mean over every later step *including* the
-periodic evaluations and checkpoints, so their amortised cost is planned for. The plan leaves a
-reserve for the finishing work (final evaluation or sample grid, exports, last checkpoint): a
-fixed fraction of the budget, one step, and 1.5x the longest evaluation plus the longest
-checkpoint save seen so far. So that those are known early, the trainers run one evaluation and
-one save as soon as timing starts (`probe_due`) when a budget is set.
+periodic evaluations and checkpoints, so their amortised cost is planned for. So that those are
+known early, the trainers run one evaluation and one save as soon as timing starts (`probe_due`)
+when a budget is set.
+
+The budget is a hard bound on the whole call, exports included, so the reserve kept for the
+finishing work (final evaluation or sample grid, exports, last checkpoint) is sized from what this
+process has measured rather than from a guess:
+
+- the *slowest* recent step, not the mean one, decides whether one more step still fits;
+- the finishing work is reserved at the longest evaluation plus the longest save seen so far,
+  times the `slowdown`: how much slower the slowest recent step was than the median one. On a
+  quiet machine that is the floor of 1.5x; when another process takes a core, steps (and so the
+  finishing work) stall by 2-10x, and the reserve grows with the stalls it has seen;
+- plus a small fixed share of the budget.
+
+Each result reports the reserve planned and the finishing time actually spent
+(`budget_reserve_s`, `budget_finish_s`), so the margin stays measured.
 
 Time spent by earlier, preempted processes of the same run is carried in checkpoints
 (`spent_s`), so a resumed run spends only what is left.
@@ -15,8 +27,17 @@ Time spent by earlier, preempted processes of the same run is carried in checkpo
 from __future__ import annotations
 
 import math
+import statistics
 import time
+from collections import deque
 from typing import Any
+
+# The reserve's multiplier on the measured finishing work: at least this, at most the cap, and in
+# between the slowest recent step over the median one (see the module docstring).
+MIN_SLOWDOWN = 1.5
+MAX_SLOWDOWN = 6.0
+# Recent step durations kept for the slowest-step and slowdown estimates.
+STEP_WINDOW = 64
 
 
 class TimeBudget:
@@ -34,7 +55,7 @@ class TimeBudget:
         minutes: float | None,
         max_steps: int,
         skip_steps: int = 3,
-        reserve_fraction: float = 0.05,
+        reserve_fraction: float = 0.03,
     ) -> None:
         if skip_steps < 1:
             raise ValueError(f"skip_steps must be >= 1, got {skip_steps}")
@@ -49,6 +70,10 @@ class TimeBudget:
         self._t_start = time.monotonic()
         self._steps_seen = 0
         self._t_measure: float | None = None
+        self._t_last_step = self._t_start
+        self._overhead_since_step = 0.0
+        self._durations: deque[float] = deque(maxlen=STEP_WINDOW)  # net of evaluations/saves
+        self.last_step_s: float | None = None  # the latest timed step's duration, net likewise
 
     @property
     def enabled(self) -> bool:
@@ -61,12 +86,25 @@ class TimeBudget:
         assert self.budget_s is not None
         return self.budget_s - self.spent_s()
 
+    def slowest_step_s(self) -> float:
+        """The slowest of the recent timed steps (evaluations and saves left out); 0 before any."""
+        return max(self._durations, default=0.0)
+
+    def slowdown(self) -> float:
+        """The slowest recent step over the median one, in [MIN_SLOWDOWN, MAX_SLOWDOWN]."""
+        if len(self._durations) < 2:
+            return MIN_SLOWDOWN
+        median = statistics.median(self._durations)
+        ratio = self.slowest_step_s() / median if median > 0 else MAX_SLOWDOWN
+        return min(MAX_SLOWDOWN, max(MIN_SLOWDOWN, ratio))
+
     def reserve_s(self) -> float:
+        """Seconds kept for the finishing work: see the module docstring."""
         assert self.budget_s is not None
         return (
             self.reserve_fraction * self.budget_s
-            + (self.seconds_per_step() or 0.0)
-            + 1.5 * sum(self.overheads_s.values())
+            + self.slowest_step_s()
+            + self.slowdown() * sum(self.overheads_s.values())
         )
 
     def note_overhead(self, kind: str, seconds: float, one_off: bool = False) -> None:
@@ -75,6 +113,7 @@ class TimeBudget:
         `one_off` work (the probe) is also left out of the seconds per step, which should only
         amortise work that recurs."""
         self.overheads_s[kind] = max(self.overheads_s.get(kind, 0.0), seconds)
+        self._overhead_since_step += seconds
         if one_off:
             self._excluded_s += seconds
 
@@ -88,9 +127,16 @@ class TimeBudget:
 
     def step_done(self, step: int) -> None:
         """Call after each optimizer step; `step` = number of updates applied so far."""
+        now = time.monotonic()
         self._steps_seen += 1
+        self.last_step_s = None
+        if self._steps_seen > self.skip_steps:
+            self.last_step_s = max(0.0, now - self._t_last_step - self._overhead_since_step)
+            self._durations.append(self.last_step_s)
         if self._steps_seen == self.skip_steps:
-            self._t_measure = time.monotonic()
+            self._t_measure = now
+        self._t_last_step = now
+        self._overhead_since_step = 0.0
 
     def seconds_per_step(self) -> float | None:
         if self._t_measure is None:
@@ -107,16 +153,18 @@ class TimeBudget:
         per_step = self.seconds_per_step()
         if per_step is None:
             return self.max_steps
-        usable = self.remaining_s() - self.reserve_s()
-        more = max(0, math.floor(usable / per_step))
+        # The same test as `out_of_time` (the next step may be as slow as the slowest recent one),
+        # so that the plan ends exactly where the run will stop and the LR decays to its floor.
+        spare = self.remaining_s() - self.reserve_s() - self.slowest_step_s()
+        more = 0 if spare < 0 else 1 + math.floor(spare / per_step)
         return min(self.max_steps, step + more)
 
     def out_of_time(self, step: int) -> bool:
-        """True when one more step would eat into the finishing reserve."""
+        """True when one more step, as slow as the slowest recent one, would eat into the
+        finishing reserve."""
         if self.budget_s is None:
             return False
-        per_step = self.seconds_per_step() or 0.0
-        return self.remaining_s() - self.reserve_s() < per_step
+        return self.remaining_s() - self.reserve_s() < self.slowest_step_s()
 
     def checkpoint_minutes(self, minutes: float) -> float:
         """The checkpoint interval under this budget: a preempted budgeted run should lose at
@@ -131,7 +179,8 @@ class TimeBudget:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.spent_before_s = float(state["spent_s"])
         self.overheads_s = {k: float(v) for k, v in state["overheads_s"].items()}
-        self._t_start = time.monotonic()
+        # The clock keeps running from this process's start: loading data and building the model
+        # before the resume count too.
 
 
 def initial_total(max_steps: int, planned: int, step: int, finished: bool, budgeted: bool) -> int:

@@ -40,6 +40,7 @@ RESUMABLE_FIELDS = frozenset(
         "test_time_flip",
         "progress_bar",
         "num_threads",
+        "adaptive_threads",
         "sdpa_backend",
     }
 )
@@ -85,6 +86,11 @@ class TrainConfig(BaseModel):
         ge=1,
         description="CPU threads for torch (default: torch's choice); 1 avoids OpenMP spin-waits "
         "when other processes share the cores",
+    )
+    adaptive_threads: bool = Field(
+        True,
+        description="under a time budget on the CPU, with num_threads unset: time all threads "
+        "against one and keep the faster, re-checked as other processes come and go",
     )
     progress_bar: bool = True
 

@@ -20,6 +20,7 @@ from tasks import checkpoint as ckpt
 from tasks.budget import TimeBudget, initial_total
 from tasks.run_log import METRICS, Progress, RunLog
 from tasks.schedule import WarmupCosine
+from tasks.threads import AdaptiveThreads
 from tasks.train_config import RESUMABLE_FIELDS, TrainConfig
 
 T = TypeVar("T")
@@ -67,10 +68,17 @@ class TrainingRun:
             config.ckpt_every_steps, budget.checkpoint_minutes(config.ckpt_every_minutes)
         )
         self.log = RunLog(run_dir, self.total, self.step, progress, config.progress_bar, desc)
+        self.threads = None
+        self._threads_before = torch.get_num_threads()
+        on_cuda = config.device != "cpu" and torch.cuda.is_available()
+        if budget.enabled and config.adaptive_threads and config.num_threads is None and not on_cuda:
+            self.threads = AdaptiveThreads(torch.get_num_threads())
         self.steps_this_run = 0
         self.last_row: dict[str, Any] | None = None
         self._t_train = time.monotonic()
         self.train_s = 0.0
+        self._t_finish: float | None = None
+        self._reserve_s: float | None = None
 
     def active(self) -> bool:
         """Whether to run another step: steps remain and the budget allows one more."""
@@ -86,6 +94,13 @@ class TrainingRun:
         self.step += 1
         self.steps_this_run += 1
         self.budget.step_done(self.step)
+        if self.threads is not None:
+            chosen = self.threads.step_done(self.budget.last_step_s)
+            if chosen is not None:
+                medians = {str(n): round(s, 4) for n, s in chosen[1].items()}
+                self.log.write(
+                    {"kind": "threads", "step": self.step, "threads": chosen[0], "step_s": medians}
+                )
         if self.budget.enabled:
             self.total = max(self.step, self.budget.planned_total(self.step))
             self.schedule.set_total_steps(self.total)
@@ -129,7 +144,10 @@ class TrainingRun:
             self.save(is_final=False, one_off=probe)
 
     def end_training(self) -> None:
-        self.train_s = time.monotonic() - self._t_train
+        self._t_finish = time.monotonic()
+        self.train_s = self._t_finish - self._t_train
+        if self.budget.enabled:
+            self._reserve_s = self.budget.reserve_s()
         self.log.close()
 
     def result(self, files: dict[str, str], metrics: dict[str, Any]) -> dict[str, Any]:
@@ -146,9 +164,14 @@ class TrainingRun:
             if self.steps_this_run
             else None,
             "train_time_s": self.train_s,
+            # The finishing work's planned reserve against its real cost: the measured margin.
+            "budget_reserve_s": self._reserve_s,
+            "budget_finish_s": time.monotonic() - self._t_finish if self._reserve_s else None,
             "budget_spent_s": self.budget.spent_s() if self.budget.enabled else None,
+            "threads": torch.get_num_threads(),
         }
         metrics = {**common, **metrics}
+        torch.set_num_threads(self._threads_before)  # the caller's setting, after the finishing work
         self.log.write({"kind": "final", "step": self.step, **metrics})
         return {
             "run_dir": str(self.run_dir),

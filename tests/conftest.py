@@ -95,3 +95,25 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def assert_inside_the_budget(metrics: dict, budget_min: float, elapsed_s: float) -> None:
+    """The time-budget contract of a trainer's result, with tolerances that hold on a loaded
+    2-core machine (the reserve, not the test, absorbs the stalls)."""
+    budget_s = budget_min * 60
+    spent = metrics["budget_spent_s"]
+    print(
+        f"budget: {budget_s:g} s, spent {spent:.2f} s, reserved {metrics['budget_reserve_s']:.2f} s"
+        f" for finishing, which took {metrics['budget_finish_s']:.2f} s, {metrics['steps']} steps"
+    )
+    # Hard: the trainer's clock starts as the call begins and stops after the final checkpoint,
+    # so the exports and the last save are inside it.
+    assert spent <= budget_s, (
+        f"spent {spent:.3f} s of a {budget_s:g} s budget: reserved {metrics['budget_reserve_s']:.2f}"
+        f" s for finishing, which took {metrics['budget_finish_s']:.2f} s"
+    )
+    # Outside that clock are only the config check before it and the return after it.
+    assert elapsed_s - spent <= 2.0, (elapsed_s, spent)
+    # The budget was used, not abandoned by a runaway reserve.
+    assert spent >= 0.5 * budget_s, spent
+    assert 0 < metrics["budget_finish_s"] < metrics["budget_reserve_s"] + 0.5 * budget_s

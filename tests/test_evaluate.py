@@ -89,7 +89,7 @@ def test_evaluate_from_exported_files_alone_in_a_fresh_process(exports, tmp_path
         "OMP_NUM_THREADS": "2",
     }
     env.pop(inception.WEIGHTS_ENV, None)
-    started = time.monotonic()
+    # The subprocess timeout is the hang guard; speed targets live in benchmarks/.
     run = subprocess.run(
         [sys.executable, "-m", "tasks.evaluate", "--dataset", ref.root, "--classifier",
          str(classifier), "--dit", str(dit), "--out", str(out), "--samples-per-class", "5",
@@ -147,7 +147,6 @@ def test_evaluate_from_exported_files_alone_in_a_fresh_process(exports, tmp_path
     markdown = (out / "report.md").read_text()
     assert "](samples_grid.png)" in markdown and "](confusion_matrix.png)" in markdown
     assert not [p for p in tmp_path.iterdir() if "partial" in p.name]  # staging renamed away
-    assert time.monotonic() - started < 120
 
 
 def test_conditional_accuracy_on_real_images_equals_classifier_accuracy(exports):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_inside_the_budget
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
@@ -263,8 +264,7 @@ def test_time_budget_finishes_with_exports_inside_it(oxford_mini_species_ref, tm
     config = tiny(steps=1_000_000, time_budget_minutes=budget_min, log_every=10)
     t0 = time.monotonic()
     result = train_classifier(config, oxford_mini_species_ref, tmp_path)
-    # 2 s of slack: on this shared 2-core machine a single step can stall for a second or two.
-    assert time.monotonic() - t0 <= budget_min * 60 + 2.0
+    assert_inside_the_budget(result["metrics"], budget_min, time.monotonic() - t0)
     assert 3 <= result["metrics"]["steps"] < 1_000_000
     assert Path(result["files"]["weights"]).is_file()
     assert "val_accuracy" in result["metrics"]

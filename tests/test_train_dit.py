@@ -14,12 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_inside_the_budget
 from PIL import Image
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from models.dit import DiT
 from tasks.checkpoint import ResumeMismatchError, list_checkpoints
+from tasks.schedule import WarmupCosine
 from tasks.train_dit import PRESETS, DiTConfig, load_dit, sample, train_dit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -254,18 +256,21 @@ def test_time_budget_finishes_with_exports_inside_it(oxford_mini_species_ref, tm
     config = tiny(steps=1_000_000, time_budget_minutes=budget_min, log_every=20, sample_every=100)
     t0 = time.monotonic()
     result = train_dit(config, oxford_mini_species_ref, tmp_path)
-    elapsed = time.monotonic() - t0
-    # 2 s of slack: on this shared 2-core machine a single step can stall for a second or two.
-    assert elapsed <= budget_min * 60 + 2.0, elapsed
     metrics = result["metrics"]
+    assert_inside_the_budget(metrics, budget_min, time.monotonic() - t0)
     assert 5 <= metrics["steps"] < 1_000_000
-    assert metrics["budget_spent_s"] <= budget_min * 60
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if r["kind"] == "train"]
-    # The schedule followed the plan: the last row's planned total is where training stopped,
-    # and the LR had decayed close to its floor.
-    assert abs(train_rows[-1]["total_steps"] - metrics["steps"]) <= 2
-    assert train_rows[-1]["lr"] < 0.3 * config.lr
+    if torch.get_num_threads() > 1:  # the thread count was measured, not assumed
+        assert [r["threads"] for r in rows if r["kind"] == "threads"][:1] in ([1], [2])
+    # The schedule followed the plan: the final plan is where training stopped, and the LR of the
+    # last update had decayed close to its floor (the plan moves with the throughput, so this is
+    # read from the final checkpoint rather than from the last logged row).
+    schedule = WarmupCosine(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1), 1, 0, 1)
+    schedule.load_state_dict(torch.load(result["files"]["checkpoint"])["scheduler"])
+    assert abs(schedule.total_steps - metrics["steps"]) <= 2
+    assert schedule.lr_at(metrics["steps"] - 1) < 0.3 * config.lr
+    assert train_rows and train_rows[-1]["lr"] <= config.lr
     for key in ("weights", "config", "samples"):
         assert Path(result["files"][key]).is_file()
 

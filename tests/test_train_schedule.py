@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from tasks.budget import TimeBudget, initial_total
+from tasks.budget import MAX_SLOWDOWN, TimeBudget, initial_total
 from tasks.schedule import WarmupCosine
 
 
@@ -56,6 +56,25 @@ def test_budget_plans_from_measured_steps_and_stops_in_time():
     assert 10 <= step <= 22
     assert abs(plans[-1] - step) <= 2  # the plan converged on where it stopped
     assert 10 <= plans[3] <= 25  # after two measured steps it already knew roughly
+
+
+def test_a_stalled_step_widens_the_reserve_it_measured():
+    budget = TimeBudget(minutes=1.0, max_steps=10_000, skip_steps=1, reserve_fraction=0.0)
+    for step in range(1, 12):
+        time.sleep(0.01)
+        budget.step_done(step)
+    budget.note_overhead("evaluate", 0.5)  # left out of the step durations
+    budget.step_done(12)
+    assert budget.slowest_step_s() < 0.25
+    quiet = budget.reserve_s()
+    time.sleep(0.3)  # a step stalled by another process on the core
+    budget.step_done(13)
+    assert budget.slowest_step_s() >= 0.3
+    assert budget.slowdown() == MAX_SLOWDOWN  # 0.3 s against a ~0.01 s median, capped
+    assert budget.reserve_s() >= 0.3 + MAX_SLOWDOWN * 0.5 > quiet
+    # One more step is refused once it would not fit, slowest step and reserve together.
+    budget.spent_before_s = 60.0 - budget.reserve_s() - 0.25
+    assert budget.out_of_time(13)
 
 
 def test_budget_carries_spent_time_across_processes():
