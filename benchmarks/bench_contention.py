@@ -10,7 +10,7 @@ loop pinned to core 0, and prints steps per second side by side::
 
 Settings: OMP_WAIT_POLICY unset (libgomp's default, spinning for a while), PASSIVE, or a short
 spin (GOMP_SPINCOUNT=10000); 2 or 1 intra-op threads, or `adaptive`: what budgeted trainings do
-(`tasks/threads.py`: time both counts, keep the faster, re-check every 200 steps or on a slowdown).
+(`tasks/training/threads.py`: time both counts, keep the faster, re-check every 200 steps or on a slowdown).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from benchmarks.under_load import _cpu_name
 
 STEP = """
 import json, sys, time, torch
-from tasks.threads import AdaptiveThreads
+from tasks.training.threads import AdaptiveThreads
 adaptive = sys.argv[2] == "adaptive"
 torch.set_num_threads(2 if adaptive else int(sys.argv[2]))
 governor = AdaptiveThreads(2) if adaptive else None

@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from data.dataset import DatasetRef, DatasetSpec  # noqa: E402
 from data.download import ensure  # noqa: E402
-from tasks.trainers import build_config  # noqa: E402
+from tasks.train import build_config  # noqa: E402
 
 PETIMAGES = REPO.parent / "shared" / "datasets" / "petimages" / "kagglecatsanddogs-180px.zip"
 PETIMAGES_SHA256 = "8bbd2356c185cce16913e0db65c3c06162824687d9faae6487f69551adc79639"

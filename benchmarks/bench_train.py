@@ -68,7 +68,7 @@ def dit_flops_per_step(config, num_classes: int) -> float:
 def run_one(model: str, preset: str, steps: int, dataset: str, run_dir: str) -> dict:
     """Train `model` with `preset` for `steps` steps in this process; return its figures."""
     from tasks import train_classifier, train_dit
-    from tasks.runtime import resolve_precision
+    from tasks.training.runtime import resolve_precision
 
     module = train_dit if model == "dit" else train_classifier
     base = module.PRESETS[preset].model_dump()
@@ -128,7 +128,7 @@ def _classes(dataset: str) -> list[str]:
 def loader_figures(dataset: str, image_size: int, batch_size: int, batches: int = 20) -> dict:
     """Images/s of `PackedBatches` against decoding + resizing PetImages JPEGs for each batch."""
     from data.dataset import open_split
-    from tasks.loader import PackedBatches
+    from data.loader import PackedBatches
 
     loader = PackedBatches(open_split(dataset, image_size, "train"), batch_size, seed=0)
     loader.next()

@@ -10,33 +10,18 @@ class, and ResNet-8 is ResNet-10 without its last stage) and MobileNetV3-Small (
 "Searching for MobileNetV3"). ResNet-8 and ResNet-10 have no published ImageNet weights, so they
 train from scratch only.
 
-Pretrained ImageNet weights are fetched from torchvision's weight files (``<Weights>.url``) into
-torch's hub cache, ``$TORCH_HOME/hub/checkpoints`` (``torch.hub.get_dir()``), the same file name and
-place torchvision uses, so a cache filled by torchvision is reused and vice versa. The only I/O in
-``models/`` is this fetch, done by the project's download primitive ``data.fetch.download_file``
-(imported only when weights must be downloaded, so ``models/`` needs nothing from ``data/``
-otherwise). Set ``TRAIN_CATS_TORCHVISION_WEIGHTS_URL`` to a mirror's base URL
-(default ``https://download.pytorch.org/models/``) to fetch from elsewhere.
+``models/`` does no I/O: ImageNet weights are fetched by the caller
+(``tasks/training/pretrained.py``) and handed to ``build_classifier`` as a state dict.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from urllib.parse import urlsplit
 
 import torch
 import torchvision.models as tvm
 from torch import nn
-
-WEIGHTS_URL_ENV = "TRAIN_CATS_TORCHVISION_WEIGHTS_URL"
-DEFAULT_WEIGHTS_URL = "https://download.pytorch.org/models/"
-# Connect quickly or give up: offline, a fetch must fail in seconds, not hang. The read timeout
-# is per chunk, not for the whole file.
-CONNECT_TIMEOUT_S = 5.0
-READ_TIMEOUT_S = 60.0
 
 # Normalisation the ImageNet weights were trained with (torchvision's transforms for them).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -80,10 +65,6 @@ BACKBONES: dict[str, Backbone] = {
         tvm.mobilenet_v3_small, tvm.MobileNet_V3_Small_Weights.IMAGENET1K_V1, 1024
     ),
 }
-
-
-class PretrainedWeightsUnavailable(RuntimeError):
-    """ImageNet weights could be neither found in the cache nor downloaded."""
 
 
 class Classifier(nn.Module):
@@ -133,7 +114,7 @@ class Classifier(nn.Module):
 def build_classifier(
     backbone: str,
     num_classes: int,
-    pretrained: bool = False,
+    pretrained_state: dict[str, torch.Tensor] | None = None,
     small_input_stem: bool = False,
     test_time_flip: bool = False,
 ) -> Classifier:
@@ -143,8 +124,9 @@ def build_classifier(
         backbone: a key of ``BACKBONES``: resnet8, resnet10, resnet18, resnet34, resnet50,
             mobilenet_v3_small.
         num_classes: number of classes N >= 1; the head is a fresh ``nn.Linear(D, N)``.
-        pretrained: load torchvision's ImageNet weights into the backbone (see module docstring);
-            inputs should then be normalised with ``IMAGENET_MEAN``/``IMAGENET_STD``.
+        pretrained_state: torchvision's ImageNet state dict for this backbone (1000-class head),
+            loaded before the head is replaced; inputs should then be normalised with
+            ``IMAGENET_MEAN``/``IMAGENET_STD``. None: random initialisation.
         small_input_stem: for 32-64 px inputs. ResNets get the CIFAR stem of He et al. 2016
             §4.2 (3x3 stride-1 conv, no max-pool: total stride 8 instead of 32); MobileNetV3's
             first conv gets stride 1 (total stride 16). The replaced ResNet conv is freshly
@@ -156,10 +138,7 @@ def build_classifier(
         A ``Classifier`` in training mode; ``forward`` maps (B, 3, H, W) float -> (B, N).
 
     Raises:
-        ValueError: unknown backbone (the message lists the valid names), num_classes < 1, or
-            ``pretrained`` for a backbone without ImageNet weights (resnet8, resnet10).
-        PretrainedWeightsUnavailable: ``pretrained=True`` and the weights are neither cached nor
-            downloadable; the message names the host and suggests ``pretrained=False``.
+        ValueError: unknown backbone (the message lists the valid names), or num_classes < 1.
     """
     if backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r}; valid names: {', '.join(BACKBONES)}")
@@ -167,8 +146,8 @@ def build_classifier(
         raise ValueError(f"num_classes={num_classes} must be >= 1")
     spec = BACKBONES[backbone]
     net = spec.build(weights=None)
-    if pretrained:
-        net.load_state_dict(load_imagenet_state_dict(backbone))
+    if pretrained_state is not None:
+        net.load_state_dict(pretrained_state)
     if small_input_stem:
         _use_small_input_stem(net)
     _drop_head(net)
@@ -192,45 +171,6 @@ def _use_small_input_stem(net: nn.Module) -> None:
         net.features[0][0].stride = (1, 1)
 
 
-#################################################################################
-#                        Pretrained weights: cache, then fetch                  #
-#################################################################################
-
-
-def weights_url(backbone: str) -> str:
-    """Where ``backbone``'s ImageNet weights are fetched from: the mirror base URL
-    (``$TRAIN_CATS_TORCHVISION_WEIGHTS_URL``, default download.pytorch.org) + torchvision's file name."""
-    base = os.environ.get(WEIGHTS_URL_ENV) or DEFAULT_WEIGHTS_URL
-    return base.rstrip("/") + "/" + _weights_filename(backbone)
-
-
-def weights_cache_path(backbone: str) -> Path:
-    """The hub-cache file for ``backbone``'s weights: ``torch.hub.get_dir()/checkpoints/<name>``."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / _weights_filename(backbone)
-
-
-def load_imagenet_state_dict(backbone: str) -> dict[str, torch.Tensor]:
-    """torchvision's ImageNet state dict for ``backbone`` (1000-class head), from cache or network.
-
-    A download streams into a temporary file beside the cache file and is renamed into place
-    when complete, so an interrupted fetch never leaves a partial file in the cache.
-
-    Raises:
-        PretrainedWeightsUnavailable: no cached file and the download failed (unreachable host,
-            timeout, HTTP error), or the file is not a readable state dict.
-    """
-    path = weights_cache_path(backbone)
-    if not path.is_file():
-        _download(weights_url(backbone), path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # any unpickling/format error means the same: a bad file
-        raise PretrainedWeightsUnavailable(
-            f"cached weights {path} are not a readable state dict ({exc}); delete the file and "
-            "retry, or use pretrained=False"
-        ) from exc
-
-
 def require_imagenet_weights(backbone: str) -> tvm.WeightsEnum:
     """``backbone``'s torchvision ImageNet weights entry.
 
@@ -245,22 +185,3 @@ def require_imagenet_weights(backbone: str) -> tvm.WeightsEnum:
             f"(pretrained=False) or pick a backbone that has them: {having}"
         )
     return weights
-
-
-def _weights_filename(backbone: str) -> str:
-    return Path(urlsplit(require_imagenet_weights(backbone).url).path).name
-
-
-def _download(url: str, dest: Path) -> None:
-    from data.errors import DatasetError
-    from data.fetch import download_file
-
-    try:
-        download_file(url, dest, timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S))
-    except DatasetError as exc:
-        raise PretrainedWeightsUnavailable(
-            f"could not download ImageNet weights from {url} (host {urlsplit(url).netloc}): "
-            f"{exc}. Offline? Use pretrained=False, or pre-seed the cache by placing {dest.name} "
-            f"in {dest.parent} (set TORCH_HOME to move it), or set {WEIGHTS_URL_ENV} to a "
-            "reachable mirror"
-        ) from exc

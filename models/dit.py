@@ -335,11 +335,6 @@ class DiT(nn.Module):
         """Label index of the null (unconditional) class: always ``num_classes``."""
         return self.num_classes
 
-    @property
-    def num_tokens(self) -> int:
-        """Tokens per image, T = (input_size / patch_size)^2."""
-        return self.grid_size**2
-
     def initialize_weights(self) -> None:
         """DiT initialisation (Peebles & Xie 2023 §3.2, reference ``initialize_weights``)."""
 
@@ -377,16 +372,9 @@ class DiT(nn.Module):
             nn.init.constant_(self.final_conv.weight, 0)
             nn.init.constant_(self.final_conv.bias, 0)
 
-    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
-        """(B, C, S, S) -> (B, T, p*p*C), patches in row-major order, pixels as (p, p, C)."""
-        B, C, H, W = imgs.shape
-        p, h, w = self.patch_size, H // self.patch_size, W // self.patch_size
-        x = imgs.reshape(B, C, h, p, w, p)
-        x = torch.einsum("nchpwq->nhwpqc", x)
-        return x.reshape(B, h * w, p * p * C)
-
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, p*p*C) -> (B, C, S, S); the inverse of ``patchify``."""
+        """(B, T, p*p*C) -> (B, C, S, S): tokens in row-major order, each patch's pixels as
+        (p, p, C), as in the reference DiT."""
         c, p, h = self.out_channels, self.patch_size, self.grid_size
         x = x.reshape(x.shape[0], h, h, p, p, c)
         x = torch.einsum("nhwpqc->nchpwq", x)
@@ -498,7 +486,7 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> torch.Tensor:
     """Fixed 2-D sin-cos position embedding (MAE, He et al. 2022; used by DiT §3.2).
 
     Half of the channels encode the column, half the row. Returns (grid_size**2, embed_dim)
-    float32, tokens in row-major order (matching ``patchify``). ``embed_dim`` % 4 == 0.
+    float32, tokens in row-major order (matching ``unpatchify``). ``embed_dim`` % 4 == 0.
     """
     coords = torch.arange(grid_size, dtype=torch.float64)
     rows, cols = torch.meshgrid(coords, coords, indexing="ij")

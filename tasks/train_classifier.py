@@ -7,7 +7,7 @@ transforms v2 on uint8 tensors), normalise with the ImageNet statistics, step Ad
 label-smoothed cross-entropy under a warm-up + cosine LR with gradient clipping, log, measure
 validation accuracy every `eval_every_epochs` epochs, checkpoint every `ckpt_every_steps` steps or
 `ckpt_every_minutes` minutes. A run dir with checkpoints is resumed from the newest valid one;
-`time_budget_minutes` plans the step count from measured throughput (`tasks.budget`).
+`time_budget_minutes` plans the step count from measured throughput (`tasks.training.budget`).
 With `train_image_size` below `image_size` the crops are smaller than the validation images,
 which trains faster; the model is then validated and exported with its BatchNorm statistics
 re-estimated at `image_size` (`recalibrate_batchnorm`, after FixRes). With
@@ -21,39 +21,37 @@ The export is `model.safetensors` + `config.json`; `load_classifier` rebuilds th
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 from torchmetrics.functional.classification import multiclass_accuracy
 from torchvision.transforms import v2
 
-from data.dataset import DatasetRef, PackedSplit, load_ref, open_split
+from data.dataset import DatasetRef, load_ref, open_split
+from data.loader import PackedBatches, Split, iter_batches
 from models.classifier import (
     BACKBONES,
     IMAGENET_MEAN,
     IMAGENET_STD,
     Classifier,
-    build_classifier,
     require_imagenet_weights,
 )
-from tasks.budget import TimeBudget
-from tasks.export import (
-    load_weights,
+from tasks.training.budget import TimeBudget
+from tasks.training.config import TrainConfig, check_cache, run_cli
+from tasks.training.export import (
     plain_state_dict,
-    read_export,
-    require_consistent,
     write_export,
 )
-from tasks.loader import PackedBatches, Split, iter_batches
-from tasks.run_log import Progress
-from tasks.runtime import (
+from tasks.training.pretrained import build_classifier
+from tasks.training.resolution import CropSizeSchedule, recalibrate_batchnorm
+from tasks.training.resolution import normalise as _normalise
+from tasks.training.run import TrainingRun
+from tasks.training.run_log import Progress
+from tasks.training.runtime import (
     Precision,
     autocast,
     build_adamw,
@@ -61,17 +59,9 @@ from tasks.runtime import (
     pick_device,
     seed_everything,
 )
-from tasks.schedule import WarmupCosine
-from tasks.train_config import TrainConfig, check_cache, run_cli
-from tasks.training_run import TrainingRun
+from tasks.training.schedule import WarmupCosine
 
 NORMALISATION = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
-# Training images whose BatchNorm statistics stand for the whole split at the test resolution.
-# On the 48 px-trained ResNet-8 of the README, 2,048 scored 0.876 and all 14,399 0.874, in 3.7 s
-# rather than 23 s of forward passes on the 2-core machine.
-BN_RECALIBRATION_IMAGES = 2048
-
-
 class ClassifierConfig(TrainConfig):
     """Everything that defines a classifier training run (see `TrainConfig` for shared fields)."""
 
@@ -137,8 +127,7 @@ class ClassifierConfig(TrainConfig):
 
 
 PRESETS: dict[str, ClassifierConfig] = {
-    # Tests and CI: MobileNetV3-Small at 32 px (~6 MFLOP and 1.5M parameters: ~25x faster per
-    # step than a ResNet-18 here), 60 steps of 16 images, checkpoints at 30 and 60.
+    # Tests and CI: MobileNetV3-Small at 32 px, 60 steps of 16; why: docs/recipes.md.
     "cpu-tiny": ClassifierConfig(
         backbone="mobilenet_v3_small",
         small_input_stem=False,
@@ -152,22 +141,7 @@ PRESETS: dict[str, ClassifierConfig] = {
         ckpt_every_steps=30,
         progress_bar=False,
     ),
-    # The 2-core demo, chosen by `benchmarks/bench_recipes.py classifier` (10 minutes each on
-    # PetImages species; README "Small-compute recipes"). The run is compute-bound, so epochs
-    # decide. ResNet-8 (ResNet-18's stem and first three stages, one block each) trains 1.6x as
-    # fast as ResNet-10 at 64 px in fp32 on AVX2, whose 2x2-spatial last stage is slow there, and
-    # scored 0.866 against 0.816 on the same machine (6.5 epochs against 4); at 80 px it fits 4.4
-    # epochs (0.860). ResNet-10 had beaten ResNet-18 the same way. Training on 48 px crops
-    # (`train_image_size`, FixRes) runs 1.6x faster and scored 0.879 and 0.869 against 0.869
-    # and 0.866, within the spread of two runs; but as the judge of 32 px DiT samples (upsampled
-    # to 64 px) such a model called at most 38% of real 32 px non-cats correctly, against 66%,
-    # so the preset trains on 64 px crops. Ending on 64 px crops (`test_size_finetune_fraction`
-    # 0.2) removed that bias but scored 0.889 against this preset's 0.898 on one machine, where
-    # the preset meets the 88% target (0.898 and 0.888 on the two fastest hosts). Averaging over
-    # the mirror at test time adds ~1 point; validating every 3 epochs rather than every epoch
-    # keeps those doubled passes off the budget. AdamW 2e-3, weight decay 0.05, label smoothing
-    # 0.1; light augmentation (crops of 75-100% of the area, flips, no colour jitter): the model
-    # underfits, and the stronger augmentation cost 1.7 points.
+    # The 2-core demo: ResNet-8 at 64 px, 10 minutes; why: docs/recipes.md.
     "cpu-small": ClassifierConfig(
         backbone="resnet8",
         small_input_stem=False,
@@ -186,10 +160,7 @@ PRESETS: dict[str, ClassifierConfig] = {
         ckpt_every_steps=200,
         ckpt_every_minutes=2.0,
     ),
-    # The Modal default: ImageNet-pretrained ResNet-50 at its native 224 px (the standard stem),
-    # fine-tuned with batch 256 at lr 1e-3 (Kornblith et al. 2019, "Do Better ImageNet Models
-    # Transfer Better?": fine-tuning beats from-scratch on pets). 224 px needs a cache at that
-    # size; 20 minutes caps spend, bf16 autocast and torch.compile on.
+    # The Modal default: ImageNet-pretrained ResNet-50 at 224 px; why: docs/recipes.md.
     "gpu": ClassifierConfig(
         backbone="resnet50",
         pretrained=True,
@@ -209,34 +180,6 @@ PRESETS: dict[str, ClassifierConfig] = {
 }
 
 
-class CropSizeSchedule:
-    """The side in px of the training crops at each step: `config.train_size` until the final
-    `test_size_finetune_fraction` of the planned steps, then `config.image_size` (Touvron et al.
-    2019, "Fixing the train-test resolution discrepancy", §4.2: fine-tune at the test resolution).
-
-    Under a time budget the plan moves as throughput is measured, and the larger crops slow each
-    step, which shortens it; so the switch, once made, holds for the rest of the run, and the
-    checkpoints carry it (`state_dict`) so a resumed run trains on the same crops.
-    """
-
-    def __init__(self, config: ClassifierConfig) -> None:
-        self.small, self.large = config.train_size, config.image_size
-        self.fraction = config.test_size_finetune_fraction
-        self.switch_step: int | None = None
-
-    def size(self, step: int, total: int) -> int:
-        """The crop side for update number `step` (0-based) of `total` planned."""
-        if self.switch_step is None and self.fraction > 0 and step >= (1 - self.fraction) * total:
-            self.switch_step = step
-        return self.small if self.switch_step is None else self.large
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"switch_step": self.switch_step}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.switch_step = state["switch_step"]
-
-
 def _augmentation(config: ClassifierConfig, size: int) -> v2.Compose:
     """Per-image training augmentation on (3, H, W) uint8 to (3, size, size); draws from torch's
     global RNG, whose state the checkpoints carry, so resumed runs augment identically."""
@@ -251,47 +194,8 @@ def _augmentation(config: ClassifierConfig, size: int) -> v2.Compose:
     return v2.Compose(steps)
 
 
-def _normalise(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """(B, 3, H, W) uint8 -> float32 normalised with `NORMALISATION`, channels-last, on `device`."""
-    if device.type == "cuda":
-        images = images.pin_memory()
-    x = images.to(device, non_blocking=True).float().div_(255.0)
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
-
-
-def recalibrate_batchnorm(
-    model: Classifier,
-    split: PackedSplit,
-    batch_size: int,
-    device: torch.device,
-    precision: Precision = "auto",
-) -> Classifier:
-    """A copy of `model`, in eval mode, whose BatchNorm statistics are re-estimated on `split`.
-
-    For a model trained on crops smaller than the images it is tested on: the test resolution
-    changes the scale of every activation, and the running statistics learnt on the training
-    crops no longer normalise them (Touvron et al. 2019, "Fixing the train-test resolution
-    discrepancy", §3.2). FixRes adapts by fine-tuning at the test resolution (§4.2); this keeps
-    the cheap part of that fix, forward passes only: `torch.optim.swa_utils.update_bn` over
-    `BN_RECALIBRATION_IMAGES` un-augmented images evenly spaced through `split` (a training split,
-    at the test resolution). `model` is untouched, so training goes on from its own statistics
-    and a resumed run stays bit-identical.
-    """
-    adapted = copy.deepcopy(model)
-    n = len(split.indices)
-    # Spread over the whole split, whose rows may be grouped by class.
-    picks = np.linspace(0, n - 1, num=min(n, BN_RECALIBRATION_IMAGES)).round().astype(np.int64)
-    subset = dataclasses.replace(split, indices=split.indices[picks])
-    batches = (_normalise(images, device) for images, _ in iter_batches(subset, batch_size))
-    with torch.no_grad(), autocast(device, precision):
-        torch.optim.swa_utils.update_bn(batches, adapted)
-    return adapted.eval()
-
-
 @torch.no_grad()
-def evaluate(
+def validation_metrics(
     model: Classifier,
     split: Split,
     batch_size: int,
@@ -343,8 +247,8 @@ def train_classifier(
     Raises:
         pydantic.ValidationError / ValueError: a bad config (naming the field), or a dataset
             without a cache at `image_size`; both before any image is read.
-        models.classifier.PretrainedWeightsUnavailable: `pretrained=True` offline without a cache.
-        tasks.checkpoint.ResumeMismatchError: the run dir's checkpoint has another config or
+        tasks.training.pretrained.PretrainedWeightsUnavailable: `pretrained=True` offline without a cache.
+        tasks.training.checkpoint.ResumeMismatchError: the run dir's checkpoint has another config or
             dataset version.
         FloatingPointError: the loss diverged.
     """
@@ -378,6 +282,7 @@ def train_classifier(
     crop_sizes = CropSizeSchedule(config)
     parts = {"model": model, "optimizer": optimizer, "loader": loader, "crop_sizes": crop_sizes}
     run = TrainingRun(config, ref.version, run_dir, budget, schedule, parts, progress, "classifier")
+    run.resume()  # every part from the newest valid checkpoint, if there is one
     augmentations = {
         size: _augmentation(config, size) for size in {config.train_size, config.image_size}
     }
@@ -394,7 +299,7 @@ def train_classifier(
         )
 
     def validate(net: Classifier) -> dict[str, float]:
-        metrics = evaluate(net, val_split, config.eval_batch_size, device, config.precision)
+        metrics = validation_metrics(net, val_split, config.eval_batch_size, device, config.precision)
         epoch = run.step / loader.steps_per_epoch
         run.log.write({"kind": "eval", "step": run.step, "epoch": epoch, **metrics})
         return metrics
@@ -417,10 +322,10 @@ def train_classifier(
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
 
-        probe = run.step_done(loss, lr)
-        if (run.step % eval_every == 0 or probe) and run.step < run.total:
-            run.timed("evaluate", lambda: validate(test_model()), probe)
-        run.maybe_save(probe)
+        run.step_done(loss, lr)
+        if run.evaluation_due(eval_every):
+            run.evaluate(lambda: validate(test_model()))
+        run.maybe_save()
     run.end_training()
 
     final_model = test_model()
@@ -441,45 +346,6 @@ def train_classifier(
     }
     files = write_export(run_dir, plain_state_dict(final_model), export_config)
     return run.result(files, final_eval)
-
-
-def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Classifier:
-    """Rebuild the exported classifier from `model.safetensors` + `config.json` in `path`.
-
-    Returns an `eval()` model on `device` (no download: the weights come from the export) with
-    `classes` (list[str]) and `export_config` (dict) attributes. Its input is (B, 3, S, S) float
-    normalised with `export_config["normalisation"]`, S = `export_config["image_size"]`.
-    Raises FileNotFoundError / ValueError as `tasks.export.read_export`, and ValueError for a
-    `test_time_flip` that is not a boolean, or an `image_size` / `test_time_flip` that contradicts
-    the export's `train_config`.
-    """
-    weights, config = read_export(path, "classifier")
-    # Exports from before the field existed predicted on the single view.
-    test_time_flip = config.get("test_time_flip", False)
-    if not isinstance(test_time_flip, bool):
-        raise ValueError(
-            f"{path}: config.json has test_time_flip={test_time_flip!r}; it must be true or "
-            "false (re-export the run, or fix the file)"
-        )
-    # The top-level fields drive loading and evaluation; the training config they were exported
-    # from must agree, or a hand edit changed how the model is used without retraining it.
-    trained = config.get("train_config", {})
-    checks = {"num_classes vs len(classes)": (config["num_classes"], len(config["classes"]))}
-    for field, value in (("image_size", config["image_size"]), ("test_time_flip", test_time_flip)):
-        if field in trained:
-            checks[f"{field} vs train_config.{field}"] = (value, trained[field])
-    require_consistent(path, checks)
-    model = build_classifier(
-        config["backbone"],
-        config["num_classes"],
-        pretrained=False,
-        small_input_stem=config["small_input_stem"],
-        test_time_flip=test_time_flip,
-    )
-    load_weights(model, weights, path)
-    model.classes = list(config["classes"])
-    model.export_config = config
-    return model.to(device).eval()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,7 @@ compute the rectified-flow loss (`models.flow_matching`, t = 0 data, t = 1 noise
 dropout, step AdamW under a warm-up + cosine LR, clip gradients, update the EMA, log, draw an EMA
 sample grid every `sample_every` steps, checkpoint every `ckpt_every_steps` steps or
 `ckpt_every_minutes` minutes. A run dir with checkpoints is resumed from the newest valid one.
-With `time_budget_minutes` the step count is planned from measured throughput (`tasks.budget`)
+With `time_budget_minutes` the step count is planned from measured throughput (`tasks.training.budget`)
 and the LR schedule, the EMA window and the checkpoint cadence follow that plan.
 
 The export is `model.safetensors` (EMA weights) + `config.json`; `load_dit` rebuilds the model from
@@ -27,21 +27,21 @@ from pydantic import Field, model_validator
 from torchvision.utils import save_image
 
 from data.dataset import DatasetRef, load_ref, open_split
+from data.loader import PackedBatches
 from models.dit import DIT_CONFIGS, DiT, dit_from_config
-from models.flow_matching import EMA, SAMPLERS, flow_matching_loss
-from models.flow_matching import sample as integrate
-from tasks import checkpoint as ckpt
-from tasks.budget import TimeBudget
-from tasks.export import (
-    load_weights,
+from models.flow_matching import EMA, flow_matching_loss
+from tasks.exported import draw
+from tasks.paths import SAMPLES_DIR
+from tasks.training import checkpoint as ckpt
+from tasks.training.budget import TimeBudget
+from tasks.training.config import TrainConfig, check_cache, run_cli
+from tasks.training.export import (
     plain_state_dict,
-    read_export,
-    require_consistent,
     write_export,
 )
-from tasks.loader import PackedBatches
-from tasks.run_log import Progress
-from tasks.runtime import (
+from tasks.training.run import TrainingRun
+from tasks.training.run_log import Progress
+from tasks.training.runtime import (
     autocast,
     build_adamw,
     maybe_compile,
@@ -49,11 +49,8 @@ from tasks.runtime import (
     sdpa_backend,
     seed_everything,
 )
-from tasks.schedule import WarmupCosine
-from tasks.train_config import TrainConfig, check_cache, run_cli
-from tasks.training_run import TrainingRun
+from tasks.training.schedule import WarmupCosine
 
-SAMPLES_DIR = "samples"
 # Pixels are scaled to [-1, 1]: x = (u8 / 255 - 0.5) / 0.5, the DiT/ADM convention.
 NORMALISATION = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
 TIME_CONVENTION = "x_t = (1 - t) * x0 + t * noise; t=0 data, t=1 noise; v = noise - x0"
@@ -145,21 +142,7 @@ PRESETS: dict[str, DiTConfig] = {
         ema_decay=0.99,
         progress_bar=False,
     ),
-    # The 2-core demo, chosen by `benchmarks/bench_recipes.py dit` (10 minutes each on PetImages
-    # species, judged by the cpu-small classifier; README "Small-compute recipes"). A 10-minute
-    # run is short of optimizer steps, not of data, so every choice buys steps. DiT-Ti/4 at 32 px
-    # (64 tokens of width 192) with the unfused attention kernel, in bf16 where the CPU has AMX:
-    # 1,567 steps of 64 there against 440-610 for the reference layout (width 256, depth 8) in
-    # fp32. Batch 16: at the same images per second, batch 64 -> 32 -> 16 took the FD 6.0 -> 3.7
-    # -> 2.6 and cat->cat 0.62 -> 0.82 -> 0.84 on an fp32-only CPU (~2,200 steps of 16; batch 8,
-    # with 3,600 steps, tied with 16). lr 1e-3 with QK-norm for stability. A conv stem, U-ViT
-    # long skips and a final 3x3 conv (Bao et al. 2023 §3.1) cost 5% of the steps and cut the FD
-    # from 3.1 to 1.9. Logit-normal t, lr 1e-3 and the EMA each beat their ablation on a third
-    # machine (FD 2.1 against 3.2 with uniform t, 4.9 at lr 3e-4, 2.6 without the EMA), as did
-    # DiT-Ti's width and depth against the reference 256 x 8 (5.1, with half the steps).
-    # Heun 16 steps with CFG 5: FD 4.6 -> 1.9 against Euler 25 / CFG 2 on the same weights;
-    # CFG 7 scores higher still but loses recall and overshoots the classifier's accuracy on
-    # real cats, i.e. it exaggerates class cues.
+    # The 2-core demo: DiT-Ti/4 at 32 px, 10 minutes; why: docs/recipes.md.
     "cpu-small": DiTConfig(
         arch="DiT-Ti/4",
         image_size=32,
@@ -183,10 +166,7 @@ PRESETS: dict[str, DiTConfig] = {
         sample_method="heun",
         sample_steps=16,
     ),
-    # The Modal default: DiT-S/4 at 128 px (1024 tokens, ~33M parameters) and batch 256, the
-    # DiT paper's batch, with its constant-ish AdamW lr 1e-4 and EMA 0.9999 (Peebles & Xie 2023
-    # §4). At ~190 GFLOP per training image a 40%-utilised H100 does ~8 steps/s, so the one-hour
-    # budget caps spend while leaving room for ~25k steps; bf16 autocast and torch.compile on.
+    # The Modal default: DiT-S/4 at 128 px, batch 256, one hour; why: docs/recipes.md.
     "gpu": DiTConfig(
         arch="DiT-S/4",
         image_size=128,
@@ -228,25 +208,10 @@ def _grid_labels(num_classes: int, per_class: int, device: torch.device) -> torc
     return torch.arange(num_classes, device=device).repeat_interleave(per_class)
 
 
-@torch.no_grad()
-def _draw(
-    model: DiT, labels: torch.Tensor, steps: int, method: str, cfg_scale: float, seed: int
-) -> torch.Tensor:
-    """Images (B, 3, H, W) float in [0, 1] for `labels`, from noise seeded by `seed` alone (a
-    private generator, so drawing never disturbs the training RNG streams)."""
-    device = next(model.parameters()).device
-    size = model.input_size
-    gen = torch.Generator("cpu").manual_seed(seed)
-    noise = torch.randn(len(labels), model.in_channels, size, size, generator=gen).to(device)
-    with autocast(device):
-        x0 = integrate(model, noise, labels, steps=steps, method=method, cfg_scale=cfg_scale)
-    return ((x0.float() + 1.0) / 2.0).clamp_(0.0, 1.0)
-
-
 def _save_grid(model: DiT, config: DiTConfig, num_classes: int, path: Path) -> Path:
     device = next(model.parameters()).device
     labels = _grid_labels(num_classes, config.samples_per_class, device)
-    images = _draw(
+    images = draw(
         model, labels, config.sample_steps, config.sample_method, config.cfg_scale, config.seed
     )
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -276,7 +241,7 @@ def train_dit(
     Raises:
         pydantic.ValidationError / ValueError: a bad config (naming the field), or a dataset
             without a cache at `image_size`; both before any image is read.
-        tasks.checkpoint.ResumeMismatchError: the run dir's checkpoint has another config or
+        tasks.training.checkpoint.ResumeMismatchError: the run dir's checkpoint has another config or
             dataset version.
         FloatingPointError: the loss diverged.
     """
@@ -311,6 +276,7 @@ def train_dit(
         "generator": ckpt.GeneratorState(generator),
     }
     run = TrainingRun(config, ref.version, run_dir, budget, schedule, parts, progress, "dit")
+    run.resume()  # every part from the newest valid checkpoint, if there is one
     train_model = maybe_compile(model, config.compile)
     model.train()
     samples = run_dir / SAMPLES_DIR
@@ -333,12 +299,12 @@ def train_dit(
         optimizer.step()
         ema.update(model)
 
-        probe = run.step_done(loss, lr)
+        run.step_done(loss, lr)
         ema.decay = _ema_decay(config, run.total)
-        if (run.step % config.sample_every == 0 or probe) and run.step < run.total:
+        if run.evaluation_due(config.sample_every):
             grid = samples / f"step_{run.step:07d}.png"
-            run.timed("evaluate", partial(_save_grid, ema.shadow, config, num_classes, grid), probe)
-        run.maybe_save(probe)
+            run.evaluate(partial(_save_grid, ema.shadow, config, num_classes, grid))
+        run.maybe_save()
     run.end_training()
 
     final_grid = _save_grid(ema.shadow, config, num_classes, samples / "final.png")
@@ -360,82 +326,6 @@ def train_dit(
     }
     files = write_export(run_dir, plain_state_dict(ema.shadow), export_config)
     return run.result({**files, "samples": str(final_grid)}, {"ema_decay": ema.decay})
-
-
-# ---------------------------------------------------------------- using an export
-
-
-def load_dit(path: str | Path, device: str | torch.device = "cpu") -> DiT:
-    """Rebuild the exported DiT from `model.safetensors` + `config.json` in `path`.
-
-    Returns an `eval()` model on `device` with `classes` (list[str]) and `export_config` (dict)
-    attributes. Raises FileNotFoundError / ValueError as `tasks.export.read_export`.
-    """
-    weights, config = read_export(path, "dit")
-    arch = config["arch"]
-    require_consistent(
-        path,
-        {
-            "arch.input_size vs image_size": (arch["input_size"], config["image_size"]),
-            "arch.num_classes vs len(classes)": (arch["num_classes"], len(config["classes"])),
-        },
-    )
-    model = DiT(**arch)
-    load_weights(model, weights, path)
-    model.classes = list(config["classes"])
-    model.export_config = config
-    return model.to(device).eval()
-
-
-def sample(
-    model_or_path: DiT | str | Path,
-    class_names: list[str],
-    n_per_class: int = 8,
-    steps: int | None = None,
-    method: str | None = None,
-    cfg_scale: float | None = None,
-    seed: int = 0,
-) -> torch.Tensor:
-    """Draw `n_per_class` images for each class name, grouped by class in the given order.
-
-    Args:
-        model_or_path: a model from `load_dit`, or an export folder.
-        class_names: names from the export's `classes`.
-        steps, method, cfg_scale: ODE steps, "euler"/"heun", CFG scale; None = the export's
-            defaults (`config.json` "sampler").
-        seed: noise seed; the same seed gives the same images.
-
-    Returns:
-        (len(class_names) * n_per_class, 3, H, W) float32 in [0, 1], on the model's device.
-
-    Raises:
-        ValueError: an unknown class name (listing the valid ones), n_per_class < 1, or an
-            unknown method.
-    """
-    model = model_or_path if isinstance(model_or_path, DiT) else load_dit(model_or_path)
-    classes = getattr(model, "classes", None)
-    if classes is None:
-        raise ValueError("this DiT has no class names; load it with load_dit(path)")
-    unknown = [name for name in class_names if name not in classes]
-    if unknown:
-        raise ValueError(f"unknown class name(s) {unknown}; this model knows {classes}")
-    if n_per_class < 1:
-        raise ValueError(f"n_per_class={n_per_class} must be >= 1")
-    defaults = model.export_config["sampler"] if hasattr(model, "export_config") else {}
-    method = method or defaults.get("method", "euler")
-    if method not in SAMPLERS:
-        raise ValueError(f"unknown method {method!r}; valid: {SAMPLERS}")
-    device = next(model.parameters()).device
-    ids = torch.tensor([classes.index(name) for name in class_names], device=device)
-    labels = ids.repeat_interleave(n_per_class)
-    return _draw(
-        model,
-        labels,
-        steps or defaults.get("steps", 25),
-        method,
-        cfg_scale if cfg_scale is not None else defaults.get("cfg_scale", 1.0),
-        seed,
-    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """A test double for Modal's remote calls that runs the real Modal function bodies locally.
 
 `ModalDouble.resolve(name, gpu)` stands in for `modal.Function.from_name(...).with_options(gpu=)`:
-`.spawn(**kwargs)` runs `tasks.modal_app.<name>.local(**kwargs)`, in a worker thread (so the test
+`.spawn(**kwargs)` runs `tasks.adapters.modal_app.<name>.local(**kwargs)`, in a worker thread (so the test
 can record volume commits/reloads in-process) or in a child process (so `cancel()` really stops
 the work, like Modal stopping a container). The volumes are plain folders: the storage roots that
 the image's environment points at `/data` and `/runs` point at them instead, and
@@ -42,7 +42,7 @@ class RecordingVolume:
 
 def _run_in_child(name: str, kwargs: dict, env: dict, results: Any) -> None:
     os.environ.update(env)
-    from tasks import modal_app
+    from tasks.adapters import modal_app
 
     # The child's volumes are the same folders; its commit/reload calls go nowhere.
     modal_app.data_volume = RecordingVolume("data", Path(env["TRAIN_CATS_DATA_DIR"]), [])
@@ -71,7 +71,7 @@ class FakeCall:
             self.process.start()
 
     def _run(self) -> None:
-        from tasks import modal_app
+        from tasks.adapters import modal_app
 
         try:
             self.future.set_result(getattr(modal_app, self.name).local(**self.kwargs))

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.bench_recipes import RECIPES, _config, _flags
-from tasks.train_config import build_parser, config_from_args
+from tasks.train import TRAINERS
 from tasks.train_dit import PRESETS as DIT_PRESETS
 from tasks.train_dit import DiTConfig
-from tasks.trainers import TRAINERS
+from tasks.training.config import build_parser, config_from_args
 
 
 @pytest.mark.parametrize(("kind", "name"), [(k, n) for k in RECIPES for n in RECIPES[k]])

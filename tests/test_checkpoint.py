@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tasks import checkpoint as ckpt
+from tasks.training import checkpoint as ckpt
 
 
 def _state(step: int, **config) -> dict:

@@ -12,8 +12,8 @@ import torch
 import torchvision.models as tvm
 from torch import nn
 
-from models.classifier import (
-    BACKBONES,
+from models.classifier import BACKBONES
+from tasks.training.pretrained import (
     DEFAULT_WEIGHTS_URL,
     WEIGHTS_URL_ENV,
     PretrainedWeightsUnavailable,

@@ -44,7 +44,7 @@ def test_output_has_input_shape(name, input_size, overrides):
     out = model(x, t, y)
     assert out.shape == x.shape
     assert out.dtype == torch.float32
-    assert model.num_tokens == (input_size // model.patch_size) ** 2
+    assert model.grid_size**2 == (input_size // model.patch_size) ** 2
     assert torch.isfinite(out).all() and out.abs().sum() > 0
 
 
@@ -75,7 +75,7 @@ def test_adaln_zero_init_outputs_exact_zeros_and_blocks_are_identity():
     model = dit_from_config("DiT-Nano/2", input_size=16, num_classes=3)
     x, t, y = _inputs(model)
     assert torch.equal(model(x, t, y), torch.zeros_like(x))
-    tokens = torch.randn(3, model.num_tokens, 64)
+    tokens = torch.randn(3, model.grid_size**2, 64)
     c = torch.randn(3, 64)
     for block in model.blocks:
         assert torch.equal(block(tokens, c), tokens)
@@ -158,18 +158,26 @@ def test_cfg_without_null_class_is_an_error():
         model.forward_with_cfg(x, t, y, cfg_scale=2.0)
 
 
+def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
+    """The reference layout, written independently: (B, C, S, S) -> (B, T, p*p*C), patches in
+    row-major order, pixels as (p, p, C)."""
+    B, C, H, W = imgs.shape
+    x = torch.einsum("nchpwq->nhwpqc", imgs.reshape(B, C, H // p, p, W // p, p))
+    return x.reshape(B, (H // p) * (W // p), p * p * C)
+
+
 @pytest.mark.parametrize(("patch", "channels", "size"), [(2, 3, 8), (4, 1, 16), (8, 3, 32)])
 def test_patchify_unpatchify_round_trip(patch, channels, size):
     model = DiT(size, patch, channels, hidden_size=32, depth=1, num_heads=2, num_classes=2)
     imgs = torch.randn(2, channels, size, size)
-    tokens = model.patchify(imgs)
+    tokens = patchify(imgs, patch)
     assert tokens.shape == (2, (size // patch) ** 2, patch * patch * channels)
     assert torch.equal(model.unpatchify(tokens), imgs)
     # Row-major token order: token 1 is the patch right of the top-left one, pixels as (p, p, C).
     expected = imgs[:, :, 0:patch, patch : 2 * patch].permute(0, 2, 3, 1).reshape(2, -1)
     assert torch.equal(tokens[:, 1], expected)
     tokens2 = torch.randn_like(tokens)
-    assert torch.equal(model.patchify(model.unpatchify(tokens2)), tokens2)
+    assert torch.equal(patchify(model.unpatchify(tokens2), patch), tokens2)
 
 
 @pytest.mark.parametrize("num_classes", [1, 2, 13])

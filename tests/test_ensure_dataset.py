@@ -22,7 +22,7 @@ from prefect.tasks import exponential_backoff
 
 from data.dataset import DatasetRef, DatasetSpec
 from data.errors import HostNotFoundError
-from tasks.ensure_dataset import RETRIES, ensure_dataset
+from tasks.adapters.prefect_tasks import RETRIES, ensure_dataset
 
 # The production policy with millisecond delays, so that the test does not sleep.
 fast_ensure = ensure_dataset.with_options(

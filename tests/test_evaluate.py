@@ -22,18 +22,19 @@ from PIL import Image
 
 from data.dataset import DatasetSpec
 from data.download import ensure
-from tasks import inception
-from tasks.evaluate import (
+from tasks.adapters.artifacts import publish_report
+from tasks.evaluate import evaluate
+from tasks.evaluation import inception
+from tasks.evaluation.history import append_history
+from tasks.evaluation.measure import (
     ClassifierUnderTest,
-    _append_history,
-    _split_images,
     classifier_metrics,
-    evaluate,
     generator_metrics,
+    split_images,
 )
-from tasks.export import read_export_config
-from tasks.report import Report, compare, load_report
-from tasks.trainers import TRAINERS, build_config
+from tasks.evaluation.report import Report, compare, load_report
+from tasks.train import TRAINERS, build_config
+from tasks.training.export import read_export_config
 
 REPO = Path(__file__).resolve().parents[1]
 INCEPTION_KEYS = ("generator.inception_fid", "generator.inception_kid")
@@ -122,7 +123,7 @@ def test_evaluate_from_exported_files_alone_in_a_fresh_process(exports, tmp_path
     assert any("feature dimensions" in note for note in report.notes)  # 10 samples < 512 dims
     assert any("resized to the classifier's 64 px" in note for note in report.notes)
     # The reference for the conditional accuracy: real held-out images at the DiT's 32 px.
-    images, labels = _split_images(ref, 32)
+    images, labels = split_images(ref, 32)
     clf = ClassifierUnderTest.load(
         *read_export_config(classifier, "classifier"), torch.device("cpu")
     )
@@ -154,7 +155,7 @@ def test_conditional_accuracy_on_real_images_equals_classifier_accuracy(exports)
     clf = ClassifierUnderTest.load(
         *read_export_config(classifier, "classifier"), torch.device("cpu")
     )
-    images, labels = _split_images(ref, clf.image_size)
+    images, labels = split_images(ref, clf.image_size)
     accuracy = classifier_metrics(clf, images, labels)["accuracy"]
     values, skipped, settings = generator_metrics(clf, images, labels, images, kid_subsets=5)
     assert values["generator.conditional_accuracy"] == pytest.approx(accuracy, abs=1e-9)
@@ -286,7 +287,7 @@ def test_report_round_trips_through_json_and_shows_deltas_and_regressions(
     doctored = load_report(other)
     doctored.dataset.classes = ["Bengal", "Sphynx", "other"]
     (other / "report.json").write_text(doctored.model_dump_json())
-    _append_history("nightly", other, doctored.created_at)
+    append_history("nightly", other, doctored.created_at)
     fourth = evaluate(ref, classifier, None, deployment="nightly", **FAST)
     assert load_report(fourth["report_dir"]).previous_report == third["report_json"]
 
@@ -318,7 +319,9 @@ def test_prefect_flow_run_gets_table_markdown_and_link_artifacts(exports, tmp_pa
     def evaluation_flow() -> tuple[str, dict]:
         from prefect.runtime import flow_run
 
-        return flow_run.id, evaluate(ref, classifier, dit, tmp_path / "r", deployment="ui", **FAST)
+        summary = evaluate(ref, classifier, dit, tmp_path / "r", deployment="ui", **FAST)
+        publish_report(Path(summary["report_dir"]))  # what the Prefect task adds to evaluate()
+        return flow_run.id, summary
 
     run_id, summary = evaluation_flow()
     with get_client(sync_client=True) as client:

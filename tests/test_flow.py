@@ -22,9 +22,10 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.sorting import FlowRunSort
 
-from flows import train_cats as module
-from flows.train_cats import deployment_parameters, main, train_cats
-from tasks.steps import train_dit_task
+from flows import cli as module
+from flows.cli import deployment_parameters, main
+from flows.train_cats import train_cats
+from tasks.adapters.prefect_tasks import train_dit_task
 
 PREFECT_YAML = yaml.safe_load((REPO / "prefect.yaml").read_text())
 
@@ -59,7 +60,7 @@ class _NeverRun:
         (["--params", '{"dit": {"overrides": {"steps": 0}}}'], "steps"),
         (["--params", '{"dit": {"overrides": {"patch_size": 5}}}'], "patch"),
         (["--params", '{"models": []}'], "models is empty"),
-        (["--params", '{"evaluation": {"options": {"cfg": 2}}}'], "unknown evaluation option"),
+        (["--params", '{"evaluation": {"cfg": 2}}'], "unknown evaluation option"),
         (["--gpu", "H100; rm -rf /"], "gpu"),
         (["--source", "ftp://example.org/x.tar"], "unsupported source scheme"),
         (["--source", "/nonexistent/images.tar.gz"], "dataset.source '/nonexistent/images"),
@@ -96,7 +97,7 @@ def test_deployment_option_runs_exactly_that_deployments_parameters(capsys):
     assert dit["parameters"] == deployment_parameters("dit")
     # Exactly those parameters, plus the deployment name that keys the report history.
     expected = json.loads(json.dumps(dit["parameters"]))
-    expected["evaluation"]["options"] = {"deployment": "dit"}
+    expected["evaluation"]["deployment"] = "dit"
     assert printed["parameters"] == expected
     # What the run would resolve to: the local default preset and the image size it needs.
     assert printed["resolved"]["presets"] == {"dit": "cpu-small"}
@@ -150,7 +151,7 @@ def _failing_training(dataset: dict) -> None:
 
 
 _SHOW_STARTUP_TIMEOUT = """
-from flows.train_cats import STARTUP_TIMEOUT, _patient_temporary_server
+from flows.cli import STARTUP_TIMEOUT, _patient_temporary_server
 with _patient_temporary_server():
     print(STARTUP_TIMEOUT.value())
 """

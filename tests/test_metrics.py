@@ -10,7 +10,7 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from tasks.metrics import (
+from tasks.evaluation.metrics import (
     classification_metrics,
     frechet_distance,
     kernel_inception_distance,

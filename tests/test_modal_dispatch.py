@@ -31,7 +31,8 @@ from prefect.client.schemas.sorting import FlowRunSort
 from prefect.exceptions import TerminationSignal
 
 from flows.train_cats import train_cats
-from tasks import backend, modal_app
+from tasks.adapters import modal_app
+from tasks.adapters import modal_calls as backend
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from modal._utils.async_utils import synchronizer
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from tasks import modal_app
+from tasks.adapters import modal_app
 
 REPO = Path(__file__).resolve().parents[1]
 CONTAINER_ROOT = PurePosixPath("/root")
@@ -172,10 +172,8 @@ def test_image_carries_the_shared_package_list_and_data_files():
     files = container_files()
     for package in modal_app.PYTHON_SOURCES:
         assert CONTAINER_ROOT / package / "__init__.py" in files, f"{package} missing from image"
-    for _, remote in modal_app.DATA_FILES:
-        assert PurePosixPath(remote) in files
-    # add_local_python_source carries *.py only: a non-Python file must come via DATA_FILES.
-    assert all(p.suffix == ".py" for p, _ in files.items() if p not in dict(modal_app.DATA_FILES))
+    # add_local_python_source carries *.py only; nothing in the image reads other files.
+    assert all(p.suffix == ".py" for p in files)
 
 
 def test_the_image_installs_the_lock_and_nothing_else():
@@ -198,7 +196,7 @@ def test_remote_modules_import_from_the_image_alone(container, wheels):
     modules = sorted(
         {synchronizer._translate_in(f)._raw_f.__module__ for f in remote_functions().values()}
     )
-    assert "tasks.modal_app" in modules
+    assert "tasks.adapters.modal_app" in modules
     script = (
         "import importlib, sys\n"
         f"for name in {modules!r}: importlib.import_module(name)\n"
@@ -225,6 +223,6 @@ def test_a_file_missing_from_the_image_fails_the_check(container, wheels, tmp_pa
     (broken / "data" / "download.py").unlink()
     result = _run(["data/download.py", "--help"], broken, [wheels])
     assert result.returncode != 0
-    result = _run(["-c", "import tasks.modal_app"], broken, [broken, wheels])
+    result = _run(["-c", "import tasks.adapters.modal_app"], broken, [broken, wheels])
     assert result.returncode != 0
     assert "data.download" in result.stderr or "download" in result.stderr

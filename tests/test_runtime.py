@@ -7,7 +7,7 @@ import torch
 from torch.profiler import profile
 
 from models.dit import dit_from_config
-from tasks.runtime import autocast, cpu_has_amx, resolve_precision, sdpa_backend
+from tasks.training.runtime import autocast, cpu_has_amx, resolve_precision, sdpa_backend
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 CPU = torch.device("cpu")

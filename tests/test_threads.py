@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tasks.threads import SLOWER, AdaptiveThreads
+from tasks.training.threads import SLOWER, AdaptiveThreads
 
 
 @pytest.fixture(autouse=True)

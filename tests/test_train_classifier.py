@@ -16,18 +16,19 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from data.dataset import open_split
-from models.classifier import Classifier, build_classifier
-from tasks.checkpoint import load_latest
+from models.classifier import Classifier
+from tasks.exported import load_classifier
 from tasks.train_classifier import (
     PRESETS,
     ClassifierConfig,
     _augmentation,
-    _normalise,
-    evaluate,
-    load_classifier,
-    recalibrate_batchnorm,
     train_classifier,
+    validation_metrics,
 )
+from tasks.training.checkpoint import load_latest
+from tasks.training.pretrained import build_classifier
+from tasks.training.resolution import normalise as _normalise
+from tasks.training.resolution import recalibrate_batchnorm
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,7 +76,7 @@ def test_load_classifier_in_a_fresh_process(trained, tmp_path):
     torch.save(x, tmp_path / "x.pt")
     code = f"""
         import torch
-        from tasks.train_classifier import load_classifier
+        from tasks.exported import load_classifier
         model = load_classifier({run_dir!r})
         with torch.no_grad():
             torch.save(model(torch.load({str(tmp_path / "x.pt")!r})), {str(tmp_path / "y.pt")!r})
@@ -91,7 +92,7 @@ def test_load_classifier_in_a_fresh_process(trained, tmp_path):
         here = model(x)
     torch.testing.assert_close(here, torch.load(tmp_path / "y.pt"), rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="holds a 'classifier' export, expected 'dit'"):
-        from tasks.train_dit import load_dit
+        from tasks.exported import load_dit
 
         load_dit(run_dir)
 
@@ -154,11 +155,11 @@ def test_smaller_training_crops_are_validated_and_exported_at_the_test_resolutio
     torch.testing.assert_close(bn.running_mean, stem.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(bn.running_var, stem.var((0, 2, 3)), rtol=1e-4, atol=1e-5)
     # With fewer images than the split, they are spread over it: two are its first and last.
-    monkeypatch.setattr("tasks.train_classifier.BN_RECALIBRATION_IMAGES", 2)
+    monkeypatch.setattr("tasks.training.resolution.BN_RECALIBRATION_IMAGES", 2)
     two = recalibrate_batchnorm(exported, split, 4096, torch.device("cpu"))
     torch.testing.assert_close(two.backbone.bn1.running_mean, stem[[0, -1]].mean((0, 2, 3)))
     # ...and the figures reported are the exported model's.
-    val = evaluate(
+    val = validation_metrics(
         exported, open_split(oxford_mini_species_ref, 64, "val"), 256, torch.device("cpu")
     )
     assert result["metrics"]["val_accuracy"] == val["val_accuracy"]

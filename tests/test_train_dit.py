@@ -20,9 +20,10 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from models.dit import DiT
-from tasks.checkpoint import ResumeMismatchError, list_checkpoints
-from tasks.schedule import WarmupCosine
-from tasks.train_dit import PRESETS, DiTConfig, load_dit, sample, train_dit
+from tasks.exported import load_dit, sample
+from tasks.train_dit import PRESETS, DiTConfig, train_dit
+from tasks.training.checkpoint import ResumeMismatchError, list_checkpoints
+from tasks.training.schedule import WarmupCosine
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -89,7 +90,7 @@ def test_load_dit_and_sample_in_a_fresh_process(trained, tmp_path):
     proc = _python(
         f"""
         import torch
-        from tasks.train_dit import sample
+        from tasks.exported import sample
         torch.save(sample({run_dir!r}, ["other", "cat"], 2, steps=4, method="heun",
                           cfg_scale=1.5, seed=3), {str(out)!r})
         """

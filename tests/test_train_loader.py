@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.loader import PackedBatches, iter_batches
+from data.loader import PackedBatches, iter_batches
 
 
 @dataclass

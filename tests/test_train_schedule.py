@@ -9,8 +9,8 @@ import time
 import pytest
 import torch
 
-from tasks.budget import MAX_SLOWDOWN, TimeBudget, initial_total
-from tasks.schedule import WarmupCosine
+from tasks.training.budget import MAX_SLOWDOWN, TimeBudget, initial_total
+from tasks.training.schedule import WarmupCosine
 
 
 def _optimizer() -> torch.optim.Optimizer:
@@ -58,23 +58,30 @@ def test_budget_plans_from_measured_steps_and_stops_in_time():
     assert 10 <= plans[3] <= 25  # after two measured steps it already knew roughly
 
 
-def test_a_stalled_step_widens_the_reserve_it_measured():
+def test_stalled_steps_widen_the_reserve_they_measured():
     budget = TimeBudget(minutes=1.0, max_steps=10_000, skip_steps=1, reserve_fraction=0.0)
-    for step in range(1, 12):
+    for step in range(1, 20):
         time.sleep(0.01)
         budget.step_done(step)
     budget.note_overhead("evaluate", 0.5)  # left out of the step durations
-    budget.step_done(12)
+    budget.step_done(20)
     assert budget.slowest_step_s() < 0.25
     quiet = budget.reserve_s()
-    time.sleep(0.3)  # a step stalled by another process on the core
-    budget.step_done(13)
+    # One stalled step: the next step must still fit, but one stall says little about the
+    # finishing work, so the multiplier on it stays where it was.
+    time.sleep(0.3)
+    budget.step_done(21)
     assert budget.slowest_step_s() >= 0.3
-    assert budget.slowdown() == MAX_SLOWDOWN  # 0.3 s against a ~0.01 s median, capped
+    assert budget.slowdown() < MAX_SLOWDOWN
+    # Another process takes the core for a while: many steps stall, and the reserve follows.
+    for step in range(22, 26):
+        time.sleep(0.3)
+        budget.step_done(step)
+    assert budget.slowdown() == MAX_SLOWDOWN  # ~0.3 s against a ~0.01 s median, capped
     assert budget.reserve_s() >= 0.3 + MAX_SLOWDOWN * 0.5 > quiet
     # One more step is refused once it would not fit, slowest step and reserve together.
     budget.spent_before_s = 60.0 - budget.reserve_s() - 0.25
-    assert budget.out_of_time(13)
+    assert budget.out_of_time(25)
 
 
 def test_budget_carries_spent_time_across_processes():

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-METRICS = "metrics.jsonl"
+from tasks.paths import METRICS
+
 Progress = Callable[[dict[str, Any]], None]
 
 

@@ -1,7 +1,7 @@
 """The bookkeeping both trainers share around their loop: resume, step plan, log, checkpoints.
 
 A trainer builds its model, optimizer, schedule and loader, names them in `parts`, and hands them
-to `TrainingRun`, which restores them from the newest valid checkpoint (`tasks.checkpoint`),
+to `TrainingRun`, which restores them from the newest valid checkpoint (`tasks.training.checkpoint`),
 decides how many steps remain (the config's `steps`, or a time budget's plan), logs each step,
 saves checkpoints on cadence, and assembles the JSON-able result. The maths of a step stays in
 the trainer, in plain sight.
@@ -16,12 +16,12 @@ from typing import Any, TypeVar
 
 import torch
 
-from tasks import checkpoint as ckpt
-from tasks.budget import TimeBudget, initial_total
-from tasks.run_log import METRICS, Progress, RunLog
-from tasks.schedule import WarmupCosine
-from tasks.threads import AdaptiveThreads
-from tasks.train_config import RESUMABLE_FIELDS, TrainConfig
+from tasks.training import checkpoint as ckpt
+from tasks.training.budget import TimeBudget, initial_total
+from tasks.training.config import RESUMABLE_FIELDS, TrainConfig
+from tasks.training.run_log import METRICS, Progress, RunLog
+from tasks.training.schedule import WarmupCosine
+from tasks.training.threads import AdaptiveThreads
 
 T = TypeVar("T")
 
@@ -35,9 +35,8 @@ class TrainingRun:
             from measured throughput with one.
         resumed_from: the checkpoint step this process started from, or None.
 
-    Raises (from the constructor):
-        tasks.checkpoint.ResumeMismatchError: the run dir's checkpoint has another config or
-            dataset version.
+    The constructor only records; `resume()` restores the checkpoint, in plain sight in the
+    trainer.
     """
 
     def __init__(
@@ -57,17 +56,12 @@ class TrainingRun:
         self.budget = budget
         self.schedule = schedule
         self.parts = {**parts, "scheduler": schedule, "budget": budget}
-        self.step, finished, self.resumed_from = ckpt.resume(
-            run_dir, config.model_dump(), dataset_version, RESUMABLE_FIELDS, self.parts
-        )
-        self.total = initial_total(
-            config.steps, schedule.total_steps, self.step, finished, budget.enabled
-        )
-        schedule.set_total_steps(max(self.total, 1))
+        self.progress, self.desc = progress, desc
+        self.step, self.total, self.resumed_from = 0, config.steps, None
         self.cadence = ckpt.Cadence(
             config.ckpt_every_steps, budget.checkpoint_minutes(config.ckpt_every_minutes)
         )
-        self.log = RunLog(run_dir, self.total, self.step, progress, config.progress_bar, desc)
+        self._probe = False
         self.threads = None
         self._threads_before = torch.get_num_threads()
         on_cuda = config.device != "cpu" and torch.cuda.is_available()
@@ -80,6 +74,28 @@ class TrainingRun:
         self._t_finish: float | None = None
         self._reserve_s: float | None = None
 
+    def resume(self) -> TrainingRun:
+        """Restore every part from the run dir's newest valid checkpoint (if any), plan the steps
+        left, and open the log. Call once, before the loop; returns self.
+
+        Raises:
+            tasks.training.checkpoint.ResumeMismatchError: the checkpoint has another config or
+                dataset version.
+        """
+        config, budget = self.config, self.budget
+        self.step, finished, self.resumed_from = ckpt.resume(
+            self.run_dir, config.model_dump(), self.dataset_version, RESUMABLE_FIELDS, self.parts
+        )
+        self.total = initial_total(
+            config.steps, self.schedule.total_steps, self.step, finished, budget.enabled
+        )
+        self.schedule.set_total_steps(max(self.total, 1))
+        self.log = RunLog(
+            self.run_dir, self.total, self.step, self.progress, config.progress_bar, self.desc
+        )
+        self._t_train = time.monotonic()
+        return self
+
     def active(self) -> bool:
         """Whether to run another step: steps remain and the budget allows one more."""
         return self.step < self.total and not self.budget.out_of_time(self.step)
@@ -88,9 +104,8 @@ class TrainingRun:
         """Set and return the learning rate of the coming update."""
         return self.schedule.apply(self.step)
 
-    def step_done(self, loss: torch.Tensor, lr: float) -> bool:
-        """Count the update just applied, re-plan under a budget, log. Returns True when this is
-        the budget's probe step (run one evaluation and one save now, see `tasks.budget`)."""
+    def step_done(self, loss: torch.Tensor, lr: float) -> None:
+        """Count the update just applied, re-plan under a budget, log."""
         self.step += 1
         self.steps_this_run += 1
         self.budget.step_done(self.step)
@@ -111,7 +126,18 @@ class TrainingRun:
             self.step, loss, lr, self.config.batch_size, self.total, self.config.log_every
         )
         self.last_row = row or self.last_row
-        return self.budget.probe_due()
+        # Under a budget, one evaluation and one save are timed as soon as timing starts (the
+        # "probe", see tasks.training.budget), so the finishing work is known early.
+        self._probe = self.budget.probe_due()
+
+    def evaluation_due(self, every: int) -> bool:
+        """Whether to evaluate (sample grid / validation) after this step: every `every` steps,
+        and at the budget's probe; never at the last step, which the final evaluation covers."""
+        return (self.step % every == 0 or self._probe) and self.step < self.total
+
+    def evaluate(self, work: Callable[[], T]) -> T:
+        """Run a periodic evaluation, timed for the budget."""
+        return self.timed("evaluate", work, one_off=self._probe)
 
     def timed(self, kind: str, work: Callable[[], T], one_off: bool = False) -> T:
         """Run finishing-like `work` ("evaluate" or "save") and tell the budget how long it took."""
@@ -137,11 +163,11 @@ class TrainingRun:
         self.cadence.saved()
         return path
 
-    def maybe_save(self, probe: bool) -> None:
-        """Save when the cadence says so (or for the probe), except at the last step, which the
-        final save covers."""
-        if (self.cadence.due(self.step) or probe) and self.step < self.total:
-            self.save(is_final=False, one_off=probe)
+    def maybe_save(self) -> None:
+        """Save when the cadence says so (or for the budget's probe), except at the last step,
+        which the final save covers."""
+        if (self.cadence.due(self.step) or self._probe) and self.step < self.total:
+            self.save(is_final=False, one_off=self._probe)
 
     def end_training(self) -> None:
         self._t_finish = time.monotonic()

@@ -1,5 +1,5 @@
 """The Prefect artifacts a person reads in the UI: dataset summary, live training progress,
-training results with links to the files, and a note on each failure.
+training results with links to the files, the evaluation report, and a note on each failure.
 
 Keys are stable per kind (``dataset-summary``, ``dit-metrics`` ...), so the UI's Artifacts page
 shows each as one series across scheduled runs.
@@ -7,6 +7,7 @@ shows each as one series across scheduled runs.
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import ArtifactCreate
 
 from data.dataset import DatasetRef, read_manifest
+from tasks.evaluation import figures
+from tasks.evaluation.report import REPORT_JSON, load_report, render_markdown
 
 PROGRESS_EVERY_S = 2.0
 
@@ -148,7 +151,7 @@ def publish_training(model: str, result: dict, where: str) -> None:
 def publish_remote_report(result: dict, out: str) -> None:
     """Artifacts for a report written on the runs volume: its metrics and how to fetch it.
 
-    (Locally ``tasks.evaluate`` publishes the full report itself, images inline.)
+    (Locally ``publish_report`` publishes the full report, images inline.)
     """
     rows = [{"metric": k, "value": v} for k, v in sorted((result.get("metrics") or {}).items())]
     rows += [{"metric": k, "value": f"not computed: {v}"} for k, v in
@@ -161,3 +164,56 @@ def publish_remote_report(result: dict, out: str) -> None:
         key="eval-report-location",
         description="Where the evaluation report lives on Modal",
     )
+
+
+def _artifact_key(deployment: str, what: str) -> str:
+    # Prefect keys: lowercase letters, digits and dashes only.
+    return re.sub(r"[^a-z0-9-]+", "-", f"{deployment}-eval-{what}".lower()).strip("-")
+
+
+def _significant(value: float) -> float:
+    return float(f"{value:.6g}")
+
+
+def publish_report(report_dir: Path) -> None:
+    """Publish the report to the current Prefect run: a table of the metrics, a markdown summary
+    with the sample grid and confusion matrix inline (`data:` URIs, which the Prefect UI renders),
+    and links to the report files."""
+    report = load_report(report_dir)
+    rows: list[dict[str, Any]] = []
+    for name, value in report.metrics.items():
+        delta = report.deltas.get(name)
+        rows.append(
+            {
+                "metric": name,
+                "value": _significant(value),
+                "previous": _significant(delta.previous) if delta else None,
+                "delta": _significant(delta.delta) if delta else None,
+                "regression": bool(delta and delta.regression),
+                "note": "",
+            }
+        )
+    for name, reason in report.not_computed.items():
+        rows.append({"metric": name, "value": "not computed", "regression": False, "note": reason})
+    create_table_artifact(
+        table=rows,
+        key=_artifact_key(report.deployment, "metrics"),
+        description=f"Evaluation metrics, dataset {report.dataset.version}",
+    )
+    summary = render_markdown(report)
+    for name in ("grid", "confusion_png"):
+        if name in report.files:
+            relative = report.files[name]
+            uri = figures.png_data_uri(report_dir / relative)
+            summary = summary.replace(f"]({relative})", f"]({uri})")
+    create_markdown_artifact(
+        markdown=summary,
+        key=_artifact_key(report.deployment, "report"),
+        description="Evaluation report with the sample grid and confusion matrix",
+    )
+    for name, relative in {"report_json": REPORT_JSON, **report.files}.items():
+        create_link_artifact(
+            link=(report_dir / relative).as_uri(),
+            link_text=f"{name}: {report_dir / relative}",
+            key=_artifact_key(report.deployment, name.replace("_", "-")),
+        )

@@ -11,11 +11,11 @@ points, so the plain functions resolve the same paths as locally):
 - ``train-cats-data`` at ``/data``: one folder per published dataset version.
 - ``train-cats-runs`` at ``/runs``: ``<run name>/{classifier,dit,report}`` per flow run.
 
-Deploy once with ``modal deploy tasks/modal_app.py``; the Prefect flow then calls the deployed
-functions by name (``tasks/backend.py``). For direct use without Prefect::
+Deploy once with ``modal deploy tasks/adapters/modal_app.py``; the Prefect flow then calls the deployed
+functions by name (``tasks/adapters/modal_calls.py``). For direct use without Prefect::
 
-    modal run tasks/modal_app.py::ensure_dataset --spec '{"labels": "breed"}'
-    modal run tasks/modal_app.py::train_dit --dataset /data/<version> --run-name demo/dit
+    modal run tasks/adapters/modal_app.py::ensure_dataset --spec '{"labels": "breed"}'
+    modal run tasks/adapters/modal_app.py::train_dit --dataset /data/<version> --run-name demo/dit
 """
 
 from __future__ import annotations
@@ -28,21 +28,20 @@ import modal
 
 from data import download
 from data.dataset import DatasetSpec, load_ref
-from tasks import evaluate as evaluation
-from tasks import trainers
-from tasks.backend import APP_NAME, DATA_VOLUME, DEFAULT_GPU, RUNS_VOLUME
+from tasks.evaluate import evaluate_runs
+from tasks.evaluation.options import EvalOptions
+from tasks.paths import APP_NAME, DATA_VOLUME, DEFAULT_GPU, RUNS_VOLUME, run_path
+from tasks.train import train
 
 DATA_MOUNT = PurePosixPath("/data")
 RUNS_MOUNT = PurePosixPath("/runs")
 
-# The ONE list of what the container carries, shared with tests/test_modal_image.py.
+# The ONE list of what the container carries, shared with tests/test_modal_image.py. It carries
+# only ``*.py`` files (``add_local_python_source``): nothing here reads other files at run time.
 PYTHON_SOURCES = ("data", "models", "tasks")
-# Non-Python files the code reads at run time, as (path in the repo, path in the container).
-# ``add_local_python_source`` carries only ``*.py``; anything else must be listed here.
-DATA_FILES: tuple[tuple[str, str], ...] = ()
 # Every third-party package, at the exact version the test suite runs against: the same lock file
 # that setup.sh installs (tests/test_modal_image.py checks both against it).
-LOCK_FILE = Path(__file__).resolve().parents[1] / "requirements.lock"
+LOCK_FILE = Path(__file__).resolve().parents[2] / "requirements.lock"
 
 # Modal's ceiling is 24 h per attempt; the trainings' own time budget is the real cap on spend.
 TRAIN_TIMEOUT_S = 24 * 60 * 60
@@ -53,7 +52,7 @@ COMMIT_EVERY_S = 300.0
 
 
 def build_image() -> modal.Image:
-    """The container image: Debian slim, the locked wheels, the project's packages and data files."""
+    """The container image: Debian slim, the locked wheels, the project's packages."""
     image = (
         modal.Image.debian_slim(python_version="3.11")
         # Read when the image is built (on `modal deploy`/`modal run`), not when a container
@@ -68,8 +67,6 @@ def build_image() -> modal.Image:
         )
         .add_local_python_source(*PYTHON_SOURCES)
     )
-    for local, remote in DATA_FILES:
-        image = image.add_local_file(local, remote)
     return image
 
 
@@ -106,12 +103,12 @@ def ensure_dataset(spec: str = "{}") -> dict:
 
 
 def _train(model: str, dataset: str, run_name: str, preset: str, overrides: str) -> dict:
-    config = trainers.build_config(model, preset, json.loads(overrides))
     data_volume.reload()
     runs_volume.reload()  # a retried call resumes from the checkpoints its predecessor committed
-    result = trainers.TRAINERS[model].train(
-        config, load_ref(dataset), trainers.run_path(run_name), progress=_PeriodicCommit()
-    )
+    result = train(
+        model, preset, json.loads(overrides), load_ref(dataset), run_path(run_name),
+        _PeriodicCommit(),
+    )  # fmt: skip
     runs_volume.commit()
     return result
 
@@ -153,17 +150,12 @@ def evaluate(
 ) -> dict:
     """Evaluate the exported runs under ``/runs`` into ``/runs/<out>``; returns the report dict.
 
-    ``classifier``/``dit`` are run names (empty: skip that model); ``options`` is JSON of extra
-    keyword arguments for ``tasks.evaluate.evaluate`` (samples per class, sampler, CFG scale ...).
+    ``classifier``/``dit`` are run names (empty: skip that model); ``options`` is the JSON of
+    ``tasks.evaluation.options.EvalOptions`` (samples per class, sampler, CFG scale ...).
     """
+    opts = EvalOptions.model_validate_json(options)
     data_volume.reload()
     runs_volume.reload()
-    report = evaluation.evaluate(
-        load_ref(dataset),
-        classifier=trainers.run_path(classifier) if classifier else None,
-        dit=trainers.run_path(dit) if dit else None,
-        out=trainers.run_path(out),
-        **json.loads(options),
-    )
+    report = evaluate_runs(load_ref(dataset), out, classifier or None, dit or None, opts)
     runs_volume.commit()
     return report

@@ -1,6 +1,6 @@
 """Inception-v3 FID and KID (torchmetrics + torch-fidelity), with weights found locally or fetched.
 
-FID and KID here are `tasks.metrics.frechet_distance` / `kernel_inception_distance` on the pool-3
+FID and KID here are `tasks.evaluation.metrics.frechet_distance` / `kernel_inception_distance` on the pool-3
 features of torchmetrics' `NoTrainInceptionV3`, the network behind its `FrechetInceptionDistance`
 (`tests/test_metrics.py` checks that our maths gives torchmetrics' numbers on equal features). One
 forward pass then serves both metrics, and KID subsets are seeded. The network is torch-fidelity's

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from tasks.trainers import runs_root
+from tasks.paths import runs_root
 
 SCHEMA_VERSION = 1
 REPORT_JSON = "report.json"

@@ -102,5 +102,5 @@ def build_adamw(
 
 def maybe_compile(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
     """`torch.compile(model)` when enabled. The compiled wrapper shares parameters with `model`;
-    save `model` (or strip `_orig_mod.` with `tasks.export.plain_state_dict`), never the wrapper."""
+    save `model` (or strip `_orig_mod.` with `tasks.training.export.plain_state_dict`), never the wrapper."""
     return torch.compile(model) if enabled else model

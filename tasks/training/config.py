@@ -4,7 +4,7 @@
 checkpointing, logging); `ClassifierConfig` and `DiTConfig` extend it in their task modules.
 `RESUMABLE_FIELDS` names the fields a resumed run may change without invalidating its checkpoints:
 they decide how long and how observably a run goes on, not what it computes up to now. Every other
-field must match the checkpoint exactly, or the resume is refused (see `tasks.checkpoint`).
+field must match the checkpoint exactly, or the resume is refused (see `tasks.training.checkpoint`).
 """
 
 from __future__ import annotations
@@ -98,11 +98,11 @@ class TrainConfig(BaseModel):
 ConfigT = TypeVar("ConfigT", bound=TrainConfig)
 
 
-def _scalar_type(annotation: Any) -> Any:
+def scalar_type(annotation: Any) -> Any:
     """The argparse `type` for a field annotation (Optional[X] -> X; bool handled by the caller)."""
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return _scalar_type(args[0])
+        return scalar_type(args[0])
     if typing.get_origin(annotation) is Literal:
         return str
     return annotation
@@ -132,7 +132,7 @@ def build_parser(
                 flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
             )
             continue
-        kind = _scalar_type(field.annotation)
+        kind = scalar_type(field.annotation)
         choices = None
         if typing.get_origin(field.annotation) is Literal:
             choices = list(typing.get_args(field.annotation))

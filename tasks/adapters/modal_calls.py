@@ -5,7 +5,7 @@ scheduled retrainings are started by a Prefect worker, and a call to a deployed 
 independently of that worker process. An ephemeral app stops its functions as soon as the client
 that started it goes away, so a restarted worker would kill a day-long GPU run; it would also
 rebuild and re-upload the image from whichever checkout the worker happens to have. Deploying is
-one explicit, versioned step (``modal deploy tasks/modal_app.py``), and every call id recorded here
+one explicit, versioned step (``modal deploy tasks/adapters/modal_app.py``), and every call id recorded here
 can be inspected or cancelled later from anywhere (``modal.FunctionCall.from_id``).
 
 Cancellation reaches a Modal call two ways: the waiting loop cancels its call on any interrupt
@@ -30,14 +30,9 @@ from prefect.client.schemas.filters import (
     ArtifactFilterKey,
 )
 
-from tasks import monitoring
+from tasks.adapters import artifacts as monitoring
+from tasks.paths import APP_NAME, METRICS, RUNS_VOLUME
 
-APP_NAME = "train-cats"
-DATA_VOLUME = "train-cats-data"
-RUNS_VOLUME = "train-cats-runs"
-METRICS = "metrics.jsonl"  # tasks.run_log.METRICS, named here to keep torch out of this module
-# 48 GB, and the best price per DiT-S step of Modal's mid-range cards; any Modal GPU string works.
-DEFAULT_GPU = "L40S"
 CALL_ARTIFACT_PREFIX = "modal-call-"
 POLL_S = 30.0
 
@@ -63,7 +58,7 @@ def require_modal_credentials() -> None:
         raise ModalUnavailableError(
             "backend='modal' needs Modal credentials, and none were found: set MODAL_TOKEN_ID and "
             "MODAL_TOKEN_SECRET, or run `modal token new` (writes ~/.modal.toml); then deploy the "
-            "functions with `modal deploy tasks/modal_app.py`. Or use backend='local'."
+            "functions with `modal deploy tasks/adapters/modal_app.py`. Or use backend='local'."
         )
 
 
@@ -100,7 +95,7 @@ class RemoteTrainingProgress:
     """Keeps a progress artifact current for a training running on Modal, from the client side.
 
     Called between polls of the Modal call: it reads the run's ``metrics.jsonl`` from the runs
-    volume (committed by the training every few minutes, ``tasks.modal_app.COMMIT_EVERY_S``) and
+    volume (committed by the training every few minutes, ``tasks.adapters.modal_app.COMMIT_EVERY_S``) and
     reports its newest ``train`` row as step/total_steps. Until a row is committed it reports the
     time since the spawn against the config's time budget (minutes; None: elapsed time only).
     """
@@ -202,7 +197,7 @@ def run_on_modal(
     except modal.exception.NotFoundError as exc:
         raise ModalUnavailableError(
             f"Modal app {APP_NAME!r} has no function {function_name!r}: deploy it with "
-            f"`modal deploy tasks/modal_app.py` ({exc})"
+            f"`modal deploy tasks/adapters/modal_app.py` ({exc})"
         ) from exc
     _record(function_name, call, gpu)
     logger.info("spawned Modal call %s: %s(%s)", call.object_id, function_name, sorted(kwargs))

@@ -1,13 +1,12 @@
-"""The two trainings by name, and where their outputs live.
+"""Run a training by model name: the one entry point that the CLI, Prefect and Modal all call.
 
 One table maps a model name (``"classifier"``, ``"dit"``) to its config class, its named presets and
-its training function, so that the flow (validation), the Prefect tasks (local runs) and the Modal
-functions (remote runs) build configs the same way: ``preset`` first, then ``overrides`` on top.
+its training function, so that every caller builds a config the same way: the ``preset`` first,
+then the ``overrides`` on top, validated once.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +14,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
 
+from data.dataset import DatasetRef
 from tasks import train_classifier as _classifier
 from tasks import train_dit as _dit
+from tasks.training.run_log import Progress
 
 ModelName = Literal["classifier", "dit"]
 MODELS: tuple[ModelName, ...] = ("classifier", "dit")
@@ -66,21 +67,21 @@ def build_config(model: str, preset: str, overrides: dict[str, Any] | None = Non
         raise ValueError(f"invalid {model} config (preset {preset!r} + overrides): {exc}") from exc
 
 
-def runs_root() -> Path:
-    """The folder holding run dirs and reports: ``$TRAIN_CATS_RUNS_DIR`` or ``./artifacts/runs``.
+def train(
+    model: str,
+    preset: str,
+    overrides: dict[str, Any] | None,
+    dataset: DatasetRef | str | Path | dict,
+    run_dir: str | Path,
+    progress: Progress | None = None,
+) -> dict:
+    """Train ``model`` from ``preset`` + ``overrides`` on ``dataset`` into ``run_dir``.
 
-    On Modal the image sets ``TRAIN_CATS_RUNS_DIR=/runs``, the mount point of the runs volume.
+    ``dataset`` is a DatasetRef, its JSON or dict, or a path (``data.dataset.load_ref``). Returns
+    the trainer's JSON-able result (run dir, metrics, exported files). Raises ValueError for a bad
+    model, preset or override before any data is read, then whatever the trainer raises.
     """
-    return Path(os.environ.get("TRAIN_CATS_RUNS_DIR", "artifacts/runs")).resolve()
-
-
-def run_path(run_name: str) -> Path:
-    """Absolute path of ``run_name`` (a relative name such as ``"2026-11-29/dit-cpu-tiny-ab12"``).
-
-    Raises:
-        ValueError: ``run_name`` is absolute or climbs out of the runs root with ``..``.
-    """
-    relative = Path(run_name)
-    if relative.is_absolute() or ".." in relative.parts or not relative.parts:
-        raise ValueError(f"run name {run_name!r} must be a relative path inside the runs root")
-    return runs_root() / relative
+    config = build_config(model, preset, overrides)
+    if isinstance(dataset, dict):
+        dataset = DatasetRef.model_validate(dataset)
+    return TRAINERS[model].train(config, dataset, run_dir, progress=progress)

@@ -1,0 +1,109 @@
+"""The flow's parameters (typed, so the Prefect UI renders a form) and the plan that validates
+them all before any work starts."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from data.dataset import DatasetSpec, default_data_dir, local_path, read_manifest
+from tasks.adapters import modal_calls as backend
+from tasks.evaluation.options import EvalOptions
+from tasks.paths import DEFAULT_GPU
+from tasks.train import build_config
+
+
+class TrainingParams(BaseModel):
+    """One model's training: a named preset plus field overrides."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    preset: str | None = Field(
+        None,
+        description="cpu-tiny (CI, seconds), cpu-small (10 minutes per model on 2 CPU cores) "
+        "or gpu (Modal). Empty: gpu with backend=modal, cpu-small locally.",
+    )
+    overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description='Config fields replacing the preset\'s, e.g. {"steps": 2000, '
+        '"time_budget_minutes": 10}. Unknown fields are rejected before any work starts.',
+    )
+
+
+class ComputeParams(BaseModel):
+    """Where the steps run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: Literal["local", "modal"] = Field(
+        "local",
+        description="local: every step in this process, one training after the other. modal: "
+        "each step in its own Modal container, the trainings concurrently on GPUs (needs "
+        "credentials and `modal deploy tasks/adapters/modal_app.py`).",
+    )
+    gpu: str = Field(
+        DEFAULT_GPU,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9:+\-]*$",
+        description="Modal GPU type for training and evaluation: T4, L4, A10G, L40S, A100-80GB, "
+        "H100, or e.g. H100:2 for two. Ignored with backend=local.",
+    )
+
+
+class EvaluationParams(EvalOptions):
+    """Whether and how to evaluate the trained models (every option of `tasks.evaluate`)."""
+
+    enabled: bool = Field(True, description="Evaluate the trained models and publish a report.")
+
+    def options(self) -> EvalOptions:
+        """The evaluation options alone, as given (unset fields keep their defaults)."""
+        return EvalOptions.model_validate(self.model_dump(exclude={"enabled"}, exclude_unset=True))
+
+
+def plan(
+    dataset: DatasetSpec,
+    models: list[str],
+    training: dict[str, TrainingParams],
+    compute: ComputeParams,
+    evaluation: EvaluationParams,
+) -> tuple[DatasetSpec, dict[str, str]]:
+    """Validate everything before any work: presets, overrides, credentials, source.
+
+    Returns the dataset spec extended with every image size the trainings need, and the preset
+    chosen per model. Raises ValueError or ``backend.ModalUnavailableError`` naming the fix.
+    """
+    if not models:
+        raise ValueError("models is empty: choose 'classifier', 'dit' or both")
+    if compute.backend == "modal":
+        backend.require_modal_credentials()
+        if not dataset.source.startswith(("http://", "https://", "/data/")):
+            raise ValueError(
+                f"dataset.source {dataset.source!r} is not reachable from a Modal container: "
+                "pass an http(s):// URL, or upload the archive with `modal volume put "
+                "train-cats-data <file> /archives/` and pass /data/archives/<file>"
+            )
+    else:
+        _require_local_source(dataset)
+    default_preset = "gpu" if compute.backend == "modal" else "cpu-small"
+    presets = {m: training[m].preset or default_preset for m in models}
+    sizes = {build_config(m, presets[m], training[m].overrides).image_size for m in models}
+    # Validated again (model_copy would not), so a trained size beyond the spec's bounds is
+    # refused here, naming the field, instead of packing a gigantic cache.
+    spec = {**dataset.model_dump(), "image_sizes": sorted(sizes | set(dataset.image_sizes))}
+    return DatasetSpec.model_validate(spec), presets
+
+
+def _require_local_source(dataset: DatasetSpec) -> None:
+    """A local archive must exist, unless its version is already published (then it is reused
+    without reading the archive)."""
+    if dataset.source.startswith(("http://", "https://")):
+        return
+    if local_path(dataset.source).is_file():
+        return
+    if read_manifest(default_data_dir() / dataset.version_id()) is None:
+        raise ValueError(
+            f"dataset.source {dataset.source!r} is not a file ({local_path(dataset.source)}); "
+            "pass an existing archive path, a file:// URL or an http(s):// URL (--source)"
+        )
+
+
