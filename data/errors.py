@@ -52,3 +52,17 @@ class ChecksumMismatchError(PermanentError):
 
 class InvalidArchiveError(PermanentError):
     """The archive cannot be read, is unsafe, or holds no usable classes."""
+
+
+def one_line(exc: Exception) -> str:
+    """A pydantic ValidationError as one line, `field: reason; field: reason` (pydantic's own
+    text spans several lines per error); any other exception as its message."""
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return str(exc)
+    parts = []
+    for error in errors():
+        where = ".".join(str(p) for p in error["loc"])
+        reason = str(error["msg"]).removeprefix("Value error, ")
+        parts.append(f"{where}: {reason}" if where else reason)
+    return "; ".join(parts)

@@ -21,6 +21,7 @@ from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as
 from prefect.settings import temporary_settings
 
 from data.dataset import DatasetSpec
+from data.errors import one_line
 from flows.parameters import ComputeParams, EvaluationParams, TrainingParams, plan
 from flows.train_cats import train_cats
 from tasks.adapters import modal_calls as backend
@@ -75,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", help="Modal GPU type (backend=modal)")
     p.add_argument("--no-evaluate", action="store_true", help="skip the evaluation step")
     p.add_argument(
-        "--dry-run", action="store_true", help="validate and print the parameters, run nothing"
+        "--dry-run",
+        action="store_true",
+        help="validate and print the parameters, run nothing (the source's host is not resolved)",
     )
     return p
 
@@ -114,6 +117,17 @@ def _drop_none(value: Any) -> Any:
     return value
 
 
+def _one_line(exc: Exception) -> str:
+    """Every early error as one line. Prefect lists a parameter's errors one per line under a
+    heading ("Flow run received invalid parameters:\n - field: reason"): join them."""
+    if isinstance(exc, ParameterTypeError):
+        lines = [line.strip().lstrip("- ") for line in str(exc).splitlines()[1:] if line.strip()]
+        return "invalid parameters: " + "; ".join(
+            line.replace("Value error, ", "") for line in lines
+        )
+    return one_line(exc)
+
+
 def _patient_temporary_server() -> contextlib.AbstractContextManager:
     """Wait up to 120 s (Prefect's default: 20) for the temporary server to start: on a busy
     2-core machine its first start (a fresh database and its migrations) overran 20 s and failed
@@ -142,9 +156,10 @@ def main(argv: list[str] | None = None) -> int:
             {m: bound.get(m, TrainingParams()) for m in MODELS},
             bound.get("compute", ComputeParams()),
             bound.get("evaluation", EvaluationParams()),
+            check_network=not args.dry_run,
         )
     except (ValueError, OSError, ParameterTypeError, backend.ModalUnavailableError) as exc:
-        print(f"train-cats: {exc}", file=sys.stderr)
+        print(f"train-cats: {_one_line(exc)}", file=sys.stderr)
         return 2
     if args.dry_run:
         resolved = {"dataset": spec.model_dump(mode="json"), "presets": presets}

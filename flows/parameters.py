@@ -3,7 +3,9 @@ them all before any work starts."""
 
 from __future__ import annotations
 
+import socket
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -66,6 +68,7 @@ def plan(
     training: dict[str, TrainingParams],
     compute: ComputeParams,
     evaluation: EvaluationParams,
+    check_network: bool = True,
 ) -> tuple[DatasetSpec, dict[str, str]]:
     """Validate everything before any work: presets, overrides, credentials, source.
 
@@ -82,28 +85,41 @@ def plan(
                 "pass an http(s):// URL, or upload the archive with `modal volume put "
                 "train-cats-data <file> /archives/` and pass /data/archives/<file>"
             )
-    else:
-        _require_local_source(dataset)
     default_preset = "gpu" if compute.backend == "modal" else "cpu-small"
     presets = {m: training[m].preset or default_preset for m in models}
     sizes = {build_config(m, presets[m], training[m].overrides).image_size for m in models}
     # Validated again (model_copy would not), so a trained size beyond the spec's bounds is
     # refused here, naming the field, instead of packing a gigantic cache.
     spec = {**dataset.model_dump(), "image_sizes": sorted(sizes | set(dataset.image_sizes))}
-    return DatasetSpec.model_validate(spec), presets
+    validated = DatasetSpec.model_validate(spec)
+    if compute.backend == "local":  # last: the one check that may touch the network (DNS)
+        _require_local_source(dataset, check_network)
+    return validated, presets
 
 
-def _require_local_source(dataset: DatasetSpec) -> None:
-    """A local archive must exist, unless its version is already published (then it is reused
-    without reading the archive)."""
+def _require_local_source(dataset: DatasetSpec, check_network: bool) -> None:
+    """The source must be readable from here: a local archive that exists, or a URL whose host
+    resolves; unless its version is already published (then it is reused without the source)."""
+    if read_manifest(default_data_dir() / dataset.version_id()) is not None:
+        return
     if dataset.source.startswith(("http://", "https://")):
-        return
-    if local_path(dataset.source).is_file():
-        return
-    if read_manifest(default_data_dir() / dataset.version_id()) is None:
+        if check_network:
+            _require_resolvable(dataset.source)
+    elif not local_path(dataset.source).is_file():
         raise ValueError(
             f"dataset.source {dataset.source!r} is not a file ({local_path(dataset.source)}); "
             "pass an existing archive path, a file:// URL or an http(s):// URL (--source)"
         )
 
 
+def _require_resolvable(url: str) -> None:
+    """Resolve the URL's host now, so that offline or a typo fails in a second, before any
+    server starts. A host that resolves but does not answer is left to the retried task."""
+    host = urlsplit(url).hostname or ""
+    try:
+        socket.getaddrinfo(host, None)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ValueError(
+            f"dataset.source host {host!r} does not resolve ({exc.__class__.__name__}: offline, "
+            "or a typo?): pass a reachable URL or a local archive path (--source)"
+        ) from None

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ValidationError
 
 from data.dataset import DatasetRef
+from data.errors import one_line
 from tasks import train_classifier as _classifier
 from tasks import train_dit as _dit
 from tasks.training.run_log import Progress
@@ -64,7 +65,9 @@ def build_config(model: str, preset: str, overrides: dict[str, Any] | None = Non
     try:
         return trainer.config_type.model_validate({**base, **(overrides or {})})
     except ValidationError as exc:
-        raise ValueError(f"invalid {model} config (preset {preset!r} + overrides): {exc}") from exc
+        raise ValueError(
+            f"invalid {model} config (preset {preset!r} + overrides): {one_line(exc)}"
+        ) from None
 
 
 def train(

@@ -98,7 +98,10 @@ class DiTConfig(TrainConfig):
             raise ValueError(f"arch={self.arch!r} is unknown; choose one of {sorted(DIT_CONFIGS)}")
         if self.cfg_scale != 1.0 and self.class_dropout_prob == 0:
             raise ValueError("cfg_scale != 1 needs class_dropout_prob > 0 (a trained null class)")
-        self.architecture(num_classes=1)  # raises ValueError naming patch_size/image_size etc.
+        try:
+            self.architecture(num_classes=1)
+        except ValueError as exc:  # the model's words are input_size; the user's field is image_size
+            raise ValueError(str(exc).replace("input_size", "image_size")) from None
         return self
 
     def architecture(self, num_classes: int) -> dict[str, Any]:

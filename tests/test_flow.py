@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,7 @@ class _NeverRun:
         (["--gpu", "H100; rm -rf /"], "gpu"),
         (["--source", "ftp://example.org/x.tar"], "unsupported source scheme"),
         (["--source", "/nonexistent/images.tar.gz"], "dataset.source '/nonexistent/images"),
+        (["--source", "http://train-cats-no-such-host.invalid/x.tar.gz"], "does not resolve"),
         (["--params", "[1, 2]"], "--params must be a JSON object"),
         (["--params", '{"bogus": 1}'], "--params must be a JSON object whose keys are flow"),
         (["--params", "{bad json"], "--params is not valid JSON"),
@@ -79,8 +81,14 @@ def test_bad_parameters_fail_before_any_work(argv, message, capsys, monkeypatch)
     monkeypatch.delenv("MODAL_TOKEN_ID", raising=False)
     monkeypatch.delenv("MODAL_TOKEN_SECRET", raising=False)
     monkeypatch.setattr(module, "train_cats", _NeverRun())
+    started = time.monotonic()
     assert main(argv) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err
+    assert len(err.strip().splitlines()) == 1, err  # one line, no traceback
+    # Before any server starts: seconds, not the ~20 s of a temporary server and a flow run
+    # (an order of magnitude, loose enough for a loaded machine).
+    assert time.monotonic() - started < 10
 
 
 def test_modal_backend_rejects_a_source_the_container_cannot_read(capsys, monkeypatch):

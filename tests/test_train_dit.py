@@ -277,7 +277,7 @@ def test_time_budget_finishes_with_exports_inside_it(oxford_mini_species_ref, tm
 
 
 def test_bad_configs_fail_early_naming_the_field(oxford_mini_species_ref, tmp_path):
-    with pytest.raises(ValidationError, match=r"patch_size=3 must divide input_size=32"):
+    with pytest.raises(ValidationError, match=r"patch_size=3 must divide image_size=32"):
         tiny(patch_size=3)
     with pytest.raises(ValidationError, match=r"steps\n.*greater than or equal to 1"):
         tiny(steps=0)

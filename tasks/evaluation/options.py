@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from data.errors import one_line
 from models.flow_matching import SAMPLERS
 from tasks.training.config import scalar_type
 
@@ -73,16 +74,6 @@ class EvalOptions(BaseModel):
                     f"unknown evaluation option(s) {unknown}; valid: {sorted(cls.model_fields)}"
                 )
         return data
-
-
-def one_line(exc: ValidationError) -> str:
-    """A pydantic error as one line: `field: reason; field: reason`."""
-    parts = []
-    for error in exc.errors():
-        where = ".".join(str(p) for p in error["loc"])
-        reason = str(error["msg"]).removeprefix("Value error, ")
-        parts.append(f"{where}: {reason}" if where else reason)
-    return "; ".join(parts)
 
 
 def validated(options: EvalOptions | dict | None, **overrides: Any) -> EvalOptions:
