@@ -3,8 +3,21 @@
 `iter_images` streams the regular-file members of a zip or tar (any compression), refusing the
 whole archive if any member is unsafe (absolute path, `..`, symlink or hard link, device or
 FIFO) and recording, with a reason, every member it skips (non-images such as `.mat`,
-`Thumbs.db`, AppleDouble `._*` files, and empty files). Members are never written to disk under
-their archive names, so a hostile name cannot escape the staging folder either way.
+`Thumbs.db`, AppleDouble `._*` files, empty files, and files over the size limit). Members are
+never written to disk under their archive names, so a hostile name cannot escape the staging
+folder either way.
+
+Memory: a member is read whole, so each one is bounded by `max_bytes` (the spec's
+`max_member_mib`), checked on its declared size before reading and again while reading (no read
+asks for more than `max_bytes` + 1 bytes, so a header that understates the size gains nothing).
+Decompression is bounded too: a compressed tar is read through gzip/bz2/lzma file objects, whose
+reads return at most what was asked (tarfile's own stream mode decompresses each 10 KB of input
+whole, and 10 KB of bzip2 can hold gigabytes: a 13 KB .tar.bz2 made a build take 3 GiB), and a
+zip member compressed with bzip2 or LZMA, which zipfile decompresses without a bound, is refused.
+An over-large member is skipped ("too large"), not a reason to refuse the archive: the danger is
+memory, which leaving it unread removes, and one stray file (a scan, a panorama, a video named
+.jpg) should not make an otherwise good archive of thousands of photos unusable. Unsafe paths and
+links are different: they mean the archive as a whole is hostile or broken.
 
 `label_members` detects the layout from the names and maps each image to a class:
 
@@ -16,6 +29,7 @@ their archive names, so a hostile name cannot escape the staging folder either w
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import lzma
 import re
@@ -26,15 +40,28 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Literal
+from typing import BinaryIO, Literal
 
 from data.errors import InvalidArchiveError
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+# The Pillow format each image suffix promises (MPO: the multi-picture JPEG of phone cameras).
+IMAGE_FORMATS = {
+    ".jpg": {"JPEG", "MPO"},
+    ".jpeg": {"JPEG", "MPO"},
+    ".png": {"PNG"},
+    ".bmp": {"BMP"},
+    ".gif": {"GIF"},
+    ".webp": {"WEBP"},
+    ".tif": {"TIFF"},
+    ".tiff": {"TIFF"},
+}
+IMAGE_SUFFIXES = set(IMAGE_FORMATS)
 OTHER = "other"
 CAT = "cat"
 CAT_FOLDERS = {"cat", "cats"}
 _OXFORD_STEM = re.compile(r"^(?P<breed>.+)_(?P<n>\d+)$")
+# Zip methods whose reads zipfile bounds by the size asked (deflate via max_length, store by copy).
+_BOUNDED_ZIP_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED}
 
 
 @dataclass(frozen=True)
@@ -42,7 +69,9 @@ class Skip:
     """A member left out of the data set: `reason` is the category counted in the manifest."""
 
     member: str
-    reason: str  # "not an image" | "empty file" | "duplicate" | "undecodable" | "unlabelled"
+    # "not an image" | "empty file" | "too large" | "duplicate" | "undecodable" |
+    # "too many pixels" | "unlabelled"
+    reason: str
     detail: str = ""
 
     def as_dict(self) -> dict[str, str]:
@@ -60,20 +89,22 @@ class Labelling:
     skipped: list[Skip]
 
 
-def iter_images(path: Path, skipped: list[Skip]) -> Iterator[tuple[str, bytes]]:
+def iter_images(path: Path, skipped: list[Skip], *, max_bytes: int) -> Iterator[tuple[str, bytes]]:
     """Yield (member name, bytes) for each non-empty image-named member, in archive order.
 
-    Skipped members are appended to `skipped` as they are met.
+    Members over `max_bytes` bytes (declared or read) are skipped unread or as soon as the read
+    passes `max_bytes`, so no yielded value, and no read, exceeds `max_bytes` + 1 bytes. Skipped
+    members are appended to `skipped` as they are met.
 
     Raises:
-        InvalidArchiveError: not a zip or tar, corrupt, or holding an unsafe member (the message
-            names the member and why).
+        InvalidArchiveError: not a zip or tar, corrupt, holding an unsafe member, or an image
+            member zipped with bzip2 or LZMA (the message names the member and why).
     """
     try:
         if zipfile.is_zipfile(path):
-            yield from _iter_zip(path, skipped)
+            yield from _iter_zip(path, skipped, max_bytes)
         elif tarfile.is_tarfile(path):
-            yield from _iter_tar(path, skipped)
+            yield from _iter_tar(path, skipped, max_bytes)
         else:
             raise InvalidArchiveError(f"{path.name} is neither a zip nor a tar archive")
     except (
@@ -85,9 +116,13 @@ def iter_images(path: Path, skipped: list[Skip]) -> Iterator[tuple[str, bytes]]:
         EOFError,
     ) as exc:
         raise InvalidArchiveError(f"{path.name} is corrupt: {exc}") from exc
+    except OSError as exc:
+        if exc.errno is not None:  # a real I/O error; bz2's "Invalid data stream" has no errno
+            raise
+        raise InvalidArchiveError(f"{path.name} is corrupt: {exc}") from exc
 
 
-def _iter_zip(path: Path, skipped: list[Skip]) -> Iterator[tuple[str, bytes]]:
+def _iter_zip(path: Path, skipped: list[Skip], max_bytes: int) -> Iterator[tuple[str, bytes]]:
     with zipfile.ZipFile(path) as archive:
         infos = archive.infolist()
         # The whole listing is at hand, so refuse an unsafe archive before reading any member.
@@ -100,14 +135,27 @@ def _iter_zip(path: Path, skipped: list[Skip]) -> Iterator[tuple[str, bytes]]:
                 _refuse(info.filename, "it is not a regular file")
             _check_name(info.filename)
         for info in infos:
-            if info.is_dir() or not _wanted(info.filename, info.file_size, skipped):
+            if info.is_dir() or not _wanted(info.filename, info.file_size, max_bytes, skipped):
                 continue
-            yield info.filename, archive.read(info)
+            if info.compress_type not in _BOUNDED_ZIP_METHODS:
+                method = zipfile.compressor_names.get(info.compress_type, info.compress_type)
+                raise InvalidArchiveError(
+                    f"zip member {info.filename!r} is compressed with {method}, which cannot be "
+                    "read within a memory bound; repack the archive with deflate, or as a .tar.bz2"
+                )
+            # zipfile serves at most the declared size (checked above), then checks the CRC;
+            # read_at_most keeps that bound whatever zipfile does.
+            with archive.open(info) as handle:
+                data = read_at_most(handle, min(info.file_size, max_bytes))
+            if data is None:  # pragma: no cover - see above
+                skipped.append(_longer_than_declared(info.filename, info.file_size))
+                continue
+            yield info.filename, data
 
 
-def _iter_tar(path: Path, skipped: list[Skip]) -> Iterator[tuple[str, bytes]]:
-    # Stream mode ("r|*") reads a compressed tar in one sequential pass, with no seeking back.
-    with tarfile.open(path, mode="r|*") as archive:
+def _iter_tar(path: Path, skipped: list[Skip], max_bytes: int) -> Iterator[tuple[str, bytes]]:
+    # Stream mode ("r|") reads the tar in one sequential pass, with no seeking back.
+    with _decompressed(path) as stream, tarfile.open(fileobj=stream, mode="r|") as archive:
         for member in archive:
             _check_name(member.name)
             if member.issym() or member.islnk():
@@ -116,12 +164,50 @@ def _iter_tar(path: Path, skipped: list[Skip]) -> Iterator[tuple[str, bytes]]:
                 continue
             if not member.isreg():
                 _refuse(member.name, "it is a device, FIFO or other special file")
-            if not _wanted(member.name, member.size, skipped):
-                continue
+            if not _wanted(member.name, member.size, max_bytes, skipped):
+                continue  # tarfile reads past it in 10 KB steps
             handle = archive.extractfile(member)
             if handle is None:  # pragma: no cover - isreg() members always have data
                 continue
-            yield member.name, handle.read()
+            data = read_at_most(handle, min(member.size, max_bytes))
+            if data is None:  # pragma: no cover - tarfile serves exactly the declared size
+                skipped.append(_longer_than_declared(member.name, member.size))
+                continue
+            yield member.name, data
+
+
+def _decompressed(path: Path) -> BinaryIO:
+    """`path` opened for reading, through its decompressor if it is gzip, bzip2 or xz/lzma.
+
+    The magic numbers are those tarfile's own "r|*" mode checks.
+    """
+    with open(path, "rb") as handle:
+        magic = handle.read(10)
+    if magic.startswith(b"\x1f\x8b\x08"):
+        return gzip.open(path, "rb")
+    if magic[:3] == b"BZh" and magic[4:10] == b"1AY&SY":
+        return bz2.open(path, "rb")
+    if magic.startswith((b"\x5d\x00\x00\x80", b"\xfd7zXZ")):
+        return lzma.open(path, "rb")
+    return open(path, "rb")
+
+
+def read_at_most(handle: BinaryIO, max_bytes: int) -> bytes | None:
+    """The rest of `handle` if it holds at most `max_bytes` bytes, else None.
+
+    Reads no more than `max_bytes` + 1 bytes either way, whatever the stream's header claimed.
+    """
+    data = handle.read(max_bytes + 1)
+    return None if len(data) > max_bytes else data
+
+
+def _too_large(name: str, declared: int, max_bytes: int) -> Skip:
+    limit = f"{max_bytes >> 20} MiB" if max_bytes % (1 << 20) == 0 else f"{max_bytes} bytes"
+    return Skip(name, "too large", f"{declared} bytes; the limit is {limit} (max_member_mib)")
+
+
+def _longer_than_declared(name: str, declared: int) -> Skip:
+    return Skip(name, "too large", f"holds more than the {declared} bytes its header declares")
 
 
 def _check_name(name: str) -> None:
@@ -139,7 +225,7 @@ def _refuse(name: str, why: str) -> None:
     )
 
 
-def _wanted(name: str, size: int, skipped: list[Skip]) -> bool:
+def _wanted(name: str, size: int, max_bytes: int, skipped: list[Skip]) -> bool:
     base = PurePosixPath(name).name
     suffix = PurePosixPath(base).suffix.lower()
     if base.startswith("._") or base.startswith(".") or suffix not in IMAGE_SUFFIXES:
@@ -147,6 +233,9 @@ def _wanted(name: str, size: int, skipped: list[Skip]) -> bool:
         return False
     if size == 0:
         skipped.append(Skip(name, "empty file"))
+        return False
+    if size > max_bytes:
+        skipped.append(_too_large(name, size, max_bytes))
         return False
     return True
 

@@ -2,9 +2,10 @@
 
 Three small models describe a published version:
 
-- `DatasetSpec`: what to build (source, checksum, label mode, image sizes, "other" cap, split).
-  Its `version_id()` is derived from every field that changes the output, so a different spec
-  publishes a sibling version instead of overwriting one.
+- `DatasetSpec` (in `data.spec`, re-exported here): what to build (source, checksum, label mode,
+  image sizes, "other" cap, split, member size limit). Its `version_id()` is derived from every
+  field that changes the output, so a different spec publishes a sibling version instead of
+  overwriting one.
 - `Manifest` (`manifest.json`, written last): everything about how the version was built.
   A folder without a valid manifest is never treated as ready.
 - `DatasetRef` (`reference.json`, and the last stdout line of `python data/download.py`): the small
@@ -17,26 +18,22 @@ a JPEG or touches the network.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
-from urllib.parse import unquote, urlparse
+from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError
 
 from data.errors import PermanentError
 
-# Bump when the packed format or the build procedure changes: it is part of every version id.
-TOOL_VERSION = "train-cats-data/1"
-
-OFFICIAL_OXFORD_URL = "https://www.robots.ox.ac.uk/~vgg/data/pets/data/images.tar.gz"
-# Published by the dataset's authors; other sources pass --checksum or get their sha256 recorded.
-KNOWN_CHECKSUMS = {OFFICIAL_OXFORD_URL: "md5:5c4f3ee8e5d25df40f4fd59a7f44e54c"}
-KNOWN_SLUGS = {OFFICIAL_OXFORD_URL: "oxford-pets"}
+# Re-exported (`X as X`), so that `from data.dataset import DatasetSpec` keeps working.
+from data.spec import KNOWN_CHECKSUMS as KNOWN_CHECKSUMS
+from data.spec import KNOWN_SLUGS as KNOWN_SLUGS
+from data.spec import OFFICIAL_OXFORD_URL as OFFICIAL_OXFORD_URL
+from data.spec import TOOL_VERSION, DatasetSpec
+from data.spec import local_path as local_path
 
 DATA_DIR_ENV = "TRAIN_CATS_DATA_DIR"
 DEFAULT_DATA_DIR = Path("artifacts/data")
@@ -47,11 +44,6 @@ LABELS_NAME = "labels.npy"
 SPLIT_NAME = "split.npy"
 SPLIT_IDS = {"train": 0, "val": 1}
 
-_CHECKSUM_RE = re.compile(r"^(?P<algo>md5|sha1|sha256|sha512):(?P<hex>[0-9a-f]+)$", re.IGNORECASE)
-_DIGEST_HEX_LEN = {"md5": 32, "sha1": 40, "sha256": 64, "sha512": 128}
-# Archive stems too generic to name a version on their own ("images.tar.gz").
-_GENERIC_STEMS = {"images", "data", "archive", "download", "dataset", "files"}
-
 
 def cache_name(image_size: int) -> str:
     """File name of the packed cache at `image_size` px, relative to a version folder."""
@@ -61,154 +53,6 @@ def cache_name(image_size: int) -> str:
 def default_data_dir() -> Path:
     """`$TRAIN_CATS_DATA_DIR` if set, else `./artifacts/data` (absolute)."""
     return Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR).expanduser().resolve()
-
-
-class DatasetSpec(BaseModel):
-    """What to build. Every field is part of the version id.
-
-    Raises pydantic's `ValidationError` (a `ValueError`) with the field at fault for bad input,
-    before any download starts.
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    source: str = Field(
-        OFFICIAL_OXFORD_URL,
-        min_length=1,
-        description=(
-            "Archive to read: an http(s):// URL, a file:// URL or a plain path to a .tar(.gz) or "
-            ".zip. Either the Oxford-IIIT Pet layout (images/<Breed>_<n>.jpg) or one folder per "
-            "class (PetImages/Cat/*.jpg, PetImages/Dog/*.jpg)."
-        ),
-    )
-    checksum: str | None = Field(
-        None,
-        description=(
-            "Expected archive digest as ALGO:HEX (md5, sha1, sha256 or sha512), checked before "
-            "anything is extracted. Built in for the official Oxford URL; if empty for another "
-            "source, the computed sha256 is recorded in the manifest instead."
-        ),
-        examples=["md5:5c4f3ee8e5d25df40f4fd59a7f44e54c"],
-    )
-    labels: Literal["breed", "species"] = Field(
-        "breed",
-        description=(
-            "breed: the 12 Oxford cat breeds (plus 'other' for non-cats, see max_other); a folder "
-            "archive uses its folder names as classes. species: two classes, 'cat' and 'other'."
-        ),
-    )
-    image_sizes: list[Annotated[int, Field(ge=8, le=1024)]] = Field(
-        [64],
-        min_length=1,
-        max_length=8,
-        description="Side in pixels of each packed square cache (images_<size>.npy), 8-1024.",
-    )
-    max_other: int | None = Field(
-        None,
-        ge=0,
-        description=(
-            "Cap on the number of 'other' (non-cat) images, a seeded random subset; empty keeps "
-            "all of them. 0 drops the class (breed mode only: species needs it)."
-        ),
-    )
-    val_fraction: float = Field(
-        0.1,
-        gt=0.0,
-        le=0.5,
-        description="Fraction of each class held out for validation (stratified, seeded).",
-    )
-    seed: int = Field(0, ge=0, description="Seed of the 'other' subset and the train/val split.")
-
-    @field_validator("source")
-    @classmethod
-    def _known_scheme(cls, value: str) -> str:
-        scheme = urlparse(value).scheme.lower()
-        # A one-letter scheme is a Windows drive ("C:\\..."), i.e. a plain path.
-        if scheme and len(scheme) > 1 and scheme not in ("http", "https", "file"):
-            raise ValueError(
-                f"unsupported source scheme {scheme!r} in {value!r}; pass an http(s):// URL, "
-                "a file:// URL or a plain path"
-            )
-        return value
-
-    @field_validator("checksum")
-    @classmethod
-    def _checksum_format(cls, value: str | None) -> str | None:
-        if value is None or value == "":
-            return None
-        match = _CHECKSUM_RE.match(value.strip())
-        if not match:
-            raise ValueError(
-                f"checksum {value!r} is not ALGO:HEX with ALGO one of md5, sha1, sha256, sha512 "
-                "(e.g. md5:5c4f3ee8e5d25df40f4fd59a7f44e54c)"
-            )
-        algo, hexdigest = match["algo"].lower(), match["hex"].lower()
-        if len(hexdigest) != _DIGEST_HEX_LEN[algo]:
-            raise ValueError(
-                f"a {algo} digest has {_DIGEST_HEX_LEN[algo]} hex digits, {value!r} has {len(hexdigest)}"
-            )
-        return f"{algo}:{hexdigest}"
-
-    @field_validator("image_sizes")
-    @classmethod
-    def _sorted_unique(cls, value: list[int]) -> list[int]:
-        # [64, 32] and [32, 64, 64] describe the same output, hence the same version.
-        return sorted(set(value))
-
-    @model_validator(mode="after")
-    def _species_needs_other(self) -> DatasetSpec:
-        if self.labels == "species" and self.max_other == 0:
-            raise ValueError(
-                "labels='species' needs the 'other' class; set max_other to empty (no cap) or > 0"
-            )
-        return self
-
-    @property
-    def expected_checksum(self) -> str | None:
-        """The digest to verify, ALGO:HEX: the given one, else the built-in one, else None."""
-        return self.checksum or KNOWN_CHECKSUMS.get(self.source)
-
-    def source_identity(self) -> str:
-        """The source as a canonical string: URLs as given, paths as absolute file:// URLs."""
-        parsed = urlparse(self.source)
-        if parsed.scheme in ("http", "https"):
-            return self.source
-        return local_path(self.source).as_uri()
-
-    def slug(self) -> str:
-        """A readable name for the source, e.g. 'oxford-pets' or 'petimages-kagglecatsanddogs'."""
-        if self.source in KNOWN_SLUGS:
-            return KNOWN_SLUGS[self.source]
-        path = Path(unquote(urlparse(self.source_identity()).path))
-        stem = path.name
-        for suffix in (".gz", ".bz2", ".xz", ".tgz", ".tar", ".zip"):
-            stem = stem.removesuffix(suffix)
-        if stem.lower() in _GENERIC_STEMS and path.parent.name:
-            stem = f"{path.parent.name}-{stem}"
-        return re.sub(r"[^a-z0-9]+", "-", stem.lower()).strip("-")[:48] or "dataset"
-
-    def version_id(self) -> str:
-        """'<slug>-<labels>-<8 hex>', the hash covering every field that changes the output."""
-        identity = {
-            "tool": TOOL_VERSION,
-            "source": self.source_identity(),
-            "checksum": self.expected_checksum,
-            "labels": self.labels,
-            "image_sizes": self.image_sizes,
-            "max_other": self.max_other,
-            "val_fraction": self.val_fraction,
-            "seed": self.seed,
-        }
-        digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-        return f"{self.slug()}-{self.labels}-{digest[:8]}"
-
-
-def local_path(source: str) -> Path:
-    """The absolute path named by a file:// URL or a plain path."""
-    parsed = urlparse(source)
-    if parsed.scheme == "file":
-        return Path(unquote(parsed.path)).resolve()
-    return Path(source).expanduser().resolve()
 
 
 class DatasetRef(BaseModel):
@@ -252,8 +96,14 @@ class Manifest(BaseModel):
     counts: dict[str, int]
     split_counts: dict[str, dict[str, int]] = Field(description="'train'/'val' -> class -> n.")
     other_available: int = Field(description="Decodable 'other' images before the cap.")
-    skipped: list[dict[str, str]] = Field(description="[{'member', 'reason'}] for every skip.")
+    skipped: list[dict[str, str]] = Field(description="[{'member', 'reason', 'detail'}] per skip.")
     skipped_counts: dict[str, int]
+    converted: list[dict[str, str]] = Field(
+        description="[{'member', 'format', 'mode', 'to'}] for each kept image that was not an RGB "
+        "file of the format its name says (a PNG named .jpg, grayscale, CMYK, palette, RGBA)."
+    )
+    converted_counts: dict[str, int] = Field(description="'FORMAT MODE' (e.g. 'PNG RGBA') -> n.")
+    limits: dict[str, int] = Field(description="'max_member_bytes' and 'max_pixels' applied.")
     resize: str
     caches: dict[int, str]
     files: dict[str, FileInfo]

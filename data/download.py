@@ -9,10 +9,11 @@ From code, `ensure(spec, data_dir)` is the one entry point (the Prefect task and
 function call exactly this).
 
 A version is published as `<data_dir>/<version id>/` by building it in
-`<data_dir>/.staging/<version>-*` and renaming it into place once its manifest, written last,
+`<data_dir>/.staging/<version>.*` and renaming it into place once its manifest, written last,
 is complete. The version id hashes the whole spec, so a different spec publishes a sibling
 folder. A ready version is recognised from its manifest alone, before any network access; a
-file lock per version makes concurrent callers wait for, then reuse, a single build.
+file lock per version makes concurrent callers wait for, then reuse, a single build. Every call
+first sweeps away the staging folders of dead builds of any version (`data.staging`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import argparse
 import hashlib
 import logging
 import shutil
-import tempfile
 import time
 from collections import Counter
 from datetime import datetime, timezone
@@ -57,11 +57,13 @@ from data.dataset import (
 )
 from data.errors import DatasetError, TransientError
 from data.fetch import Archive, fetch
-from data.pack import RESIZE_METHOD, Packed, decode_all, default_workers, pack
+from data.pack import MAX_PIXELS, RESIZE_METHOD, Packed, decode_all, default_workers, pack
+from data.staging import LOCKS_DIR, TRASH_DIR, new_staging, sweep, version_lock
 
 log = logging.getLogger("data.download")
 
-_LOGGED_SKIPS = 50
+# Converted and skipped members named one per log line, each list; the manifest has them all.
+_LOGGED_ENTRIES = 50
 
 
 def ensure(
@@ -76,7 +78,8 @@ def ensure(
 
     Returns:
         The DatasetRef of `<data_dir>/<version>`. If that folder already holds a valid manifest,
-        it returns at once with no network request.
+        it returns at once with no network request. Either way, the staging folders of dead
+        builds of any version are deleted first (`data.staging.sweep`).
 
     Raises:
         TransientError (SourceUnreachableError, ServerError, TruncatedDownloadError): worth
@@ -88,13 +91,13 @@ def ensure(
     data_dir = Path(data_dir).expanduser().resolve() if data_dir else default_data_dir()
     version = spec.version_id()
     root = data_dir / version
+    sweep(data_dir)  # a killed build of any version leaves its scratch files behind otherwise
     manifest = read_manifest(root)
     if manifest is not None:
         log.info("data set %s is ready at %s", version, root)
         return manifest.to_ref(root)
 
-    (data_dir / ".locks").mkdir(parents=True, exist_ok=True)
-    lock = filelock.FileLock(data_dir / ".locks" / f"{version}.lock")
+    lock = version_lock(data_dir, version)
     try:
         lock.acquire(timeout=0)
     except filelock.Timeout:
@@ -116,18 +119,15 @@ def _build(spec: DatasetSpec, data_dir: Path, root: Path, workers: int) -> Datas
     Must run under the version's lock.
     """
     version = root.name
-    staging_parent = data_dir / ".staging"
-    staging_parent.mkdir(exist_ok=True)
-    # We hold the lock, so any staging folder of this version is a crashed build's leftover.
-    for stale in staging_parent.glob(f"{version}-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=f"{version}-", dir=staging_parent))
+    staging = new_staging(data_dir, version)
     try:
         started = time.perf_counter()
-        archive = fetch(spec, data_dir / ".downloads")
+        archive = fetch(spec, data_dir / ".downloads", locks_dir=data_dir / LOCKS_DIR)
         fetched = time.perf_counter()
         skipped: list[Skip] = []
-        decoded = decode_all(iter_images(archive.path, skipped), spec.image_sizes, staging, workers)
+        cap = spec.max_member_bytes
+        members = iter_images(archive.path, skipped, max_bytes=cap)
+        decoded = decode_all(members, spec.image_sizes, staging, workers, max_member_bytes=cap)
         skipped += decoded.skipped
         decoded_at = time.perf_counter()
         labelling = label_members(decoded.names, spec.labels)
@@ -145,7 +145,7 @@ def _build(spec: DatasetSpec, data_dir: Path, root: Path, workers: int) -> Datas
         ref = manifest.to_ref(root)
         (staging / REFERENCE_NAME).write_text(ref.model_dump_json(indent=2) + "\n")
         (staging / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n")
-        _log_summary(manifest, skipped, len(decoded.names), fetched - started, decoded_at - fetched)
+        _log_summary(manifest, len(decoded.names), fetched - started, decoded_at - fetched)
         _publish(staging, root, data_dir)
         log.info("published %s in %.1f s", root, time.perf_counter() - started)
         return ref
@@ -189,6 +189,9 @@ def _describe(
         other_available=packed.other_available,
         skipped=[skip.as_dict() for skip in skipped],
         skipped_counts=dict(Counter(skip.reason for skip in skipped)),
+        converted=[conversion.as_dict() for conversion in packed.converted],
+        converted_counts=dict(Counter(f"{c.format} {c.mode}" for c in packed.converted)),
+        limits={"max_member_bytes": spec.max_member_bytes, "max_pixels": MAX_PIXELS},
         resize=RESIZE_METHOD,
         caches=packed.caches,
         files=files,
@@ -200,7 +203,7 @@ def _publish(staging: Path, root: Path, data_dir: Path) -> None:
     if root.exists():
         # Only reachable for a folder without a valid manifest (ready ones return early): an
         # interrupted copy or an older tool's output. Move it out of the way, never trust it.
-        trash = data_dir / ".trash" / f"{root.name}-{time.time_ns()}"
+        trash = data_dir / TRASH_DIR / f"{root.name}-{time.time_ns()}"
         trash.parent.mkdir(exist_ok=True)
         log.warning("replacing %s, which has no valid %s", root, MANIFEST_NAME)
         root.rename(trash)
@@ -210,9 +213,7 @@ def _publish(staging: Path, root: Path, data_dir: Path) -> None:
     staging.rename(root)
 
 
-def _log_summary(
-    manifest: Manifest, skipped: list[Skip], decoded: int, fetch_s: float, decode_s: float
-) -> None:
+def _log_summary(manifest: Manifest, decoded: int, fetch_s: float, decode_s: float) -> None:
     log.info(
         "%s: %d images decoded in %.1f s (%.0f img/s; archive ready in %.1f s); classes %s",
         manifest.version,
@@ -228,13 +229,25 @@ def _log_summary(
             manifest.counts.get("other", 0),
             manifest.other_available,
         )
-    log.info("skipped %d members: %s", len(skipped), manifest.skipped_counts or "none")
-    for skip in skipped[:_LOGGED_SKIPS]:
-        log.info(
-            "skipped %s: %s%s", skip.member, skip.reason, f" ({skip.detail})" if skip.detail else ""
-        )
-    if len(skipped) > _LOGGED_SKIPS:
-        log.info("... and %d more, listed in %s", len(skipped) - _LOGGED_SKIPS, MANIFEST_NAME)
+    log.info(
+        "kept %d images, converted %d to RGB%s, skipped %d members%s",
+        sum(manifest.counts.values()),
+        len(manifest.converted),
+        f" {manifest.converted_counts}" if manifest.converted else "",
+        len(manifest.skipped),
+        f" {manifest.skipped_counts}" if manifest.skipped else "",
+    )
+    for kind, entries in (("converted", manifest.converted), ("skipped", manifest.skipped)):
+        for entry in entries[:_LOGGED_ENTRIES]:
+            what = (
+                f"{entry['format']} {entry['mode']} -> RGB"
+                if kind == "converted"
+                else entry["reason"] + (f" ({entry['detail']})" if entry["detail"] else "")
+            )
+            log.info("%s %s: %s", kind, entry["member"], what)
+        if len(entries) > _LOGGED_ENTRIES:
+            more = len(entries) - _LOGGED_ENTRIES
+            log.info("... and %d more %s, listed in %s", more, kind, MANIFEST_NAME)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -265,6 +278,12 @@ def _parser() -> argparse.ArgumentParser:
         "--val-fraction", type=float, default=0.1, help=fields["val_fraction"].description
     )
     parser.add_argument("--seed", type=int, default=0, help=fields["seed"].description)
+    parser.add_argument(
+        "--max-member-mib",
+        type=int,
+        default=fields["max_member_mib"].default,
+        help=f"{fields['max_member_mib'].description} Default %(default)s.",
+    )
     parser.add_argument(
         "--data-dir", type=Path, help=f"Where versions live (default ${DATA_DIR_ENV})."
     )
@@ -297,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_other": args.max_other,
         "val_fraction": args.val_fraction,
         "seed": args.seed,
+        "max_member_mib": args.max_member_mib,
     }
     if args.image_sizes:
         options["image_sizes"] = args.image_sizes

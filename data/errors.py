@@ -3,7 +3,7 @@
 They split into two families so that callers can choose a retry policy by type alone:
 `TransientError` (the same call may succeed later: the network, the server's load) and
 `PermanentError` (retrying cannot help: wrong checksum, missing file, broken archive, bad input).
-`tasks.ensure_dataset` retries the first family only.
+`tasks.adapters.prefect_tasks.ensure_dataset` retries the first family only.
 """
 
 from __future__ import annotations

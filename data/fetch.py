@@ -4,16 +4,20 @@ a local file, then check its digest before anyone extracts it.
 HTTP downloads land in `<data_dir>/.downloads/<slug>-<url hash>/<name>`: the body streams into
 `<name>.part`, which is renamed to `<name>` only once complete and verified, next to a
 `<name>.json` sidecar holding its digests. A later spec for the same source (say, another image
-size) reuses the verified file with no network request.
+size) reuses the verified file with no network request. Callers for one URL take turns on a lock
+file in `<data_dir>/.locks/`; a failed download removes its folder unless it keeps a partial file
+to resume.
 
 `download_file` is the one HTTP download primitive of the project (streaming, progress bar,
 fail-fast timeouts, errors naming the host, temporary file then rename, optional Range resume):
-the archive fetch here uses it, and so do the pretrained-weights fetches in `models.classifier`
-and `tasks.inception`, which translate its `data.errors` into their own error types.
+the archive fetch here uses it, and so do the pretrained-weights fetches in
+`tasks.training.pretrained`
+and `tasks.evaluation.inception`, which translate its `data.errors` into their own error types.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -74,8 +78,13 @@ def fetch(
     downloads_dir: Path,
     *,
     timeout: tuple[float, float] = (CONNECT_TIMEOUT_S, READ_TIMEOUT_S),
+    locks_dir: Path | None = None,
 ) -> Archive:
     """Return the spec's archive, verified against `spec.expected_checksum`.
+
+    An http(s) source is downloaded into its own folder under `downloads_dir`, under a lock file
+    in `locks_dir` (default `downloads_dir/.locks`) that concurrent callers for the same URL share.
+    A failed download leaves that folder only if it holds a partial file to resume.
 
     Raises:
         SourceNotFoundError: HTTP 404/410, or no such local file.
@@ -87,7 +96,7 @@ def fetch(
         ChecksumMismatchError: the digest differs (the bad download is deleted).
     """
     if urlparse(spec.source).scheme in ("http", "https"):
-        return _fetch_http(spec, downloads_dir, timeout)
+        return _fetch_http(spec, downloads_dir, locks_dir or downloads_dir / ".locks", timeout)
     path = local_path(spec.source)
     if not path.is_file():
         what = "is a directory, not an archive file" if path.is_dir() else "does not exist"
@@ -95,32 +104,49 @@ def fetch(
     return _verified(path, spec.expected_checksum, _digests(path, spec.expected_checksum))
 
 
-def _fetch_http(spec: DatasetSpec, downloads_dir: Path, timeout: tuple[float, float]) -> Archive:
+def _fetch_http(
+    spec: DatasetSpec, downloads_dir: Path, locks_dir: Path, timeout: tuple[float, float]
+) -> Archive:
+    final, _, _ = download_paths(spec, downloads_dir)
+    locks_dir.mkdir(parents=True, exist_ok=True)
+    # Versions of one source are built under different locks, but share this download. The lock
+    # file lives outside the download's folder so that a failure can remove the folder: a lock
+    # file must never be deleted (see data.staging).
+    with filelock.FileLock(locks_dir / f"download-{final.parent.name}.lock"):
+        try:
+            return _fetch_http_locked(spec, downloads_dir, timeout)
+        except BaseException:
+            with contextlib.suppress(OSError):  # not empty: a partial file kept for a resume
+                final.parent.rmdir()
+            raise
+
+
+def _fetch_http_locked(
+    spec: DatasetSpec, downloads_dir: Path, timeout: tuple[float, float]
+) -> Archive:
     url = spec.source
     final, _, sidecar = download_paths(spec, downloads_dir)
     final.parent.mkdir(parents=True, exist_ok=True)
-    # Versions of one source are built under different locks, but share this download.
-    with filelock.FileLock(final.parent / f"{final.name}.lock"):
-        cached = _cached_digests(final, sidecar, url)
-        if cached is not None:
-            try:
-                archive = _verified(final, spec.expected_checksum, cached)
-                log.info("reusing the downloaded archive %s", final)
-                return archive
-            except ChecksumMismatchError:
-                log.warning("the kept copy of %s does not match; downloading it again", url)
-                sidecar.unlink()
-                final.unlink()
-        checked: list[tuple[Archive, dict[str, str]]] = []
+    cached = _cached_digests(final, sidecar, url)
+    if cached is not None:
+        try:
+            archive = _verified(final, spec.expected_checksum, cached)
+            log.info("reusing the downloaded archive %s", final)
+            return archive
+        except ChecksumMismatchError:
+            log.warning("the kept copy of %s does not match; downloading it again", url)
+            sidecar.unlink()
+            final.unlink()
+    checked: list[tuple[Archive, dict[str, str]]] = []
 
-        def verify(part: Path) -> None:
-            digests = _digests(part, spec.expected_checksum)
-            checked.append((_verified(part, spec.expected_checksum, digests), digests))
+    def verify(part: Path) -> None:
+        digests = _digests(part, spec.expected_checksum)
+        checked.append((_verified(part, spec.expected_checksum, digests), digests))
 
-        download_file(url, final, timeout=timeout, resume=True, verify=verify, hint=SOURCE_HINT)
-        archive, digests = checked[0]
-        sidecar.write_text(json.dumps({"url": url, "bytes": archive.bytes, "digests": digests}))
-        return dataclasses.replace(archive, path=final)
+    download_file(url, final, timeout=timeout, resume=True, verify=verify, hint=SOURCE_HINT)
+    archive, digests = checked[0]
+    sidecar.write_text(json.dumps({"url": url, "bytes": archive.bytes, "digests": digests}))
+    return dataclasses.replace(archive, path=final)
 
 
 def download_paths(spec: DatasetSpec, downloads_dir: Path) -> tuple[Path, Path, Path]:

@@ -5,9 +5,15 @@ Resize (the same for every size S, applied to the decoded original):
    DCT while keeping both sides >= S. This is what makes decoding fast; the next step's filter
    removes the blockiness the DCT scaling could leave.
 2. The image is converted to RGB (grayscale, CMYK, palette all occur); transparent pixels
-   (RGBA, LA, palette with transparency) are composited onto white.
+   (RGBA, LA, palette with transparency) are composited onto white. Every kept image that was not
+   an RGB file of the format its name says is recorded as a `Conversion` for the manifest.
 3. The centred square of side min(W, H) is resized to S x S with Pillow's antialiased bicubic
    filter (its support widens with the downscale factor, so no aliasing).
+
+Memory: each member is at most the spec's `max_member_mib` (see `data.archive`); at most
+`workers` x that many bytes wait for or sit in the decoding threads (`decode_stream`), plus the
+member being read; and an image of more than `MAX_PIXELS` pixels is skipped from its header,
+before its pixels are decoded.
 
 Each image size becomes `images_<S>.npy`, (N, S, S, 3) uint8, with `labels.npy` (N,) int64 and
 `split.npy` (N,) uint8 (0 = train, 1 = val) in the same row order: member names, sorted.
@@ -24,13 +30,13 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from data.archive import OTHER, Labelling, Skip
+from data.archive import IMAGE_FORMATS, OTHER, Labelling, Skip
 from data.dataset import LABELS_NAME, SPLIT_NAME, cache_name
 
 log = logging.getLogger(__name__)
@@ -44,6 +50,10 @@ _COPY_ROWS = 1024
 
 # Images in flight per decoding thread: enough to keep each busy while the archive is read.
 _WINDOW_PER_WORKER = 8
+# Decompression-bomb guard, in pixels: Pillow's default MAX_IMAGE_PIXELS (0.25 GiB as RGB), made a
+# hard limit here (Pillow only warns below twice it) and kept independent of Pillow's global, which
+# other code may change. A 50-megapixel camera photo is well inside it.
+MAX_PIXELS = 89_478_485
 
 
 def default_workers() -> int:
@@ -71,29 +81,63 @@ def square_resize(image: Image.Image, size: int) -> np.ndarray:
     return np.asarray(resized, dtype=np.uint8)
 
 
-def decode(data: bytes, sizes: tuple[int, ...]) -> list[np.ndarray]:
+def decode(
+    data: bytes, sizes: tuple[int, ...], max_pixels: int = MAX_PIXELS
+) -> tuple[list[np.ndarray], str, str]:
     """Decode one encoded image to one (S, S, 3) uint8 array per size in `sizes`.
 
-    Raises whatever Pillow raises on bad data (OSError, ValueError, DecompressionBombError, ...).
+    Returns the arrays, then the format and mode Pillow found (e.g. "PNG", "RGBA").
+
+    Raises:
+        DecompressionBombError: the header claims more than `max_pixels` pixels (checked before
+            any pixel is decoded).
+        Whatever else Pillow raises on bad data (UnidentifiedImageError, OSError, ValueError, ...).
     """
     with Image.open(io.BytesIO(data)) as image:
+        width, height = image.size
+        if width * height > max_pixels:
+            raise Image.DecompressionBombError(
+                f"{width} x {height} = {width * height} pixels, over the {max_pixels} limit"
+            )
+        source = (image.format or "unknown", image.mode)
         if image.format == "JPEG":
             image.draft("RGB", (max(sizes), max(sizes)))
         rgb = to_rgb(image)
-    return [square_resize(rgb, size) for size in sizes]
+    return [square_resize(rgb, size) for size in sizes], *source
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """A kept image whose file was not RGB, or not the format its name says: converted to RGB."""
+
+    member: str
+    format: str  # as Pillow identified the content, e.g. "PNG" for a PNG named .jpg
+    mode: str  # Pillow mode before conversion, e.g. "L", "CMYK", "P", "RGBA"
+
+    def as_dict(self) -> dict[str, str]:
+        return {"member": self.member, "format": self.format, "mode": self.mode, "to": "RGB"}
+
+
+def _conversion(name: str, fmt: str, mode: str) -> Conversion | None:
+    promised = IMAGE_FORMATS.get(PurePosixPath(name).suffix.lower(), set())
+    return None if mode == "RGB" and fmt in promised else Conversion(name, fmt, mode)
 
 
 def _decode_member(
     item: tuple[str, bytes], sizes: tuple[int, ...]
-) -> tuple[str, list[bytes] | None, str]:
+) -> tuple[str, list[bytes] | Skip, Conversion | None]:
+    """(name, one raw array per size or the reason to skip it, its conversion if any)."""
     name, data = item
     try:
-        return name, [array.tobytes() for array in decode(data, sizes)], ""
+        arrays, fmt, mode = decode(data, sizes)
+    except Image.DecompressionBombError as exc:
+        return name, Skip(name, "too many pixels", str(exc)), None
     except UnidentifiedImageError:
-        return name, None, "not a format Pillow recognises"
+        return name, Skip(name, "undecodable", "not a format Pillow recognises"), None
     # Corrupt files make Pillow raise many unrelated types; each one means "skip this file".
     except Exception as exc:
-        return name, None, f"{type(exc).__name__}: {exc}"
+        return name, Skip(name, "undecodable", f"{type(exc).__name__}: {exc}"), None
+    return name, [array.tobytes() for array in arrays], _conversion(name, fmt, mode)
 
 
 @dataclass
@@ -103,14 +147,23 @@ class Decoded:
     names: list[str] = field(default_factory=list)
     scratch: dict[int, Path] = field(default_factory=dict)
     skipped: list[Skip] = field(default_factory=list)
+    converted: list[Conversion] = field(default_factory=list)  # of members in `names`
 
 
 def decode_all(
-    members: Iterable[tuple[str, bytes]], sizes: list[int], scratch_dir: Path, workers: int
+    members: Iterable[tuple[str, bytes]],
+    sizes: list[int],
+    scratch_dir: Path,
+    workers: int,
+    *,
+    max_member_bytes: int,
 ) -> Decoded:
     """Decode every member, spreading the work over `workers` threads (1: in the caller's).
 
-    Undecodable and duplicate members are recorded in `Decoded.skipped`.
+    Members are at most `max_member_bytes` bytes each (`data.archive.iter_images` sees to it);
+    at most (`workers` + 1) x `max_member_bytes` bytes of them are held at once. Undecodable,
+    too-many-pixels and duplicate members are recorded in `Decoded.skipped`, conversions to RGB
+    in `Decoded.converted`.
     """
     decoded = Decoded(scratch={s: scratch_dir / f"scratch_{s}.raw" for s in sizes})
     seen: set[str] = set()
@@ -119,43 +172,59 @@ def decode_all(
         bar = stack.enter_context(
             tqdm(desc="decode", unit="img", file=sys.stderr, mininterval=1.0, smoothing=0.1)
         )
-        for name, arrays, error in _decoded_stream(members, tuple(sizes), workers):
+        budget = max(workers, 1) * max_member_bytes
+        for name, arrays, conversion in decode_stream(members, tuple(sizes), workers, budget):
             bar.update()
-            if arrays is None:
-                decoded.skipped.append(Skip(name, "undecodable", error))
+            if isinstance(arrays, Skip):
+                decoded.skipped.append(arrays)
                 continue
             if name in seen:
                 decoded.skipped.append(Skip(name, "duplicate", "an earlier member has this name"))
                 continue
             seen.add(name)
             decoded.names.append(name)
+            if conversion is not None:
+                decoded.converted.append(conversion)
             for size, raw in zip(sizes, arrays, strict=True):
                 handles[size].write(raw)
     return decoded
 
 
-def _decoded_stream(
-    members: Iterable[tuple[str, bytes]], sizes: tuple[int, ...], workers: int
-) -> Iterator[tuple[str, list[bytes] | None, str]]:
-    """Decoded members in archive order, `workers` at a time.
+def decode_stream(
+    members: Iterable[tuple[str, bytes]], sizes: tuple[int, ...], workers: int, max_bytes: int
+) -> Iterator[tuple[str, list[bytes] | Skip, Conversion | None]]:
+    """Decoded members in archive order, `workers` at a time: for each, its name, one raw
+    (S, S, 3) uint8 array per size (or the `Skip` saying why not), and its `Conversion` if any.
+
+    Members waiting for or in the threads hold at most `max_bytes` bytes in all (a single bigger
+    member is decoded alone) and number at most 8 per worker; the one member just taken from
+    `members` comes on top, while older ones drain.
 
     Threads, not processes: Pillow releases the GIL while it decodes and resizes, so threads run
     in parallel without pickling every image through a pipe or starting interpreters, and they
     are safe inside callers that run threads themselves (Prefect). The window of pending images
-    bounds memory while the archive is read ahead.
+    bounds memory while the archive is read ahead: by count for ordinary photos, by bytes when
+    large members arrive faster than they decode.
     """
     if workers <= 1:
         for item in members:
             yield _decode_member(item, sizes)
         return
     with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
-        pending: deque[Future] = deque()
+        pending: deque[tuple[Future, int]] = deque()
+        held = 0
         for item in members:
-            pending.append(pool.submit(_decode_member, item, sizes))
-            if len(pending) >= workers * _WINDOW_PER_WORKER:
-                yield pending.popleft().result()
+            size = len(item[1])
+            while pending and (
+                len(pending) >= workers * _WINDOW_PER_WORKER or held + size > max_bytes
+            ):
+                future, nbytes = pending.popleft()
+                held -= nbytes
+                yield future.result()
+            pending.append((pool.submit(_decode_member, item, sizes), size))
+            held += size
         while pending:
-            yield pending.popleft().result()
+            yield pending.popleft()[0].result()
 
 
 @dataclass(frozen=True)
@@ -165,6 +234,7 @@ class Packed:
     split_counts: dict[str, dict[str, int]]
     other_available: int
     caches: dict[int, str]
+    converted: list[Conversion]  # of the packed rows, by member name
 
 
 def pack(
@@ -190,6 +260,7 @@ def pack(
         rng = np.random.default_rng([seed, 0])
         keep_others = set(rng.permutation(others)[:max_other].tolist())
     names = [n for n in labelled if labelling.label_of[n] != OTHER or n in keep_others]
+    kept = set(names)
     classes = [c for c in labelling.classes if c != OTHER or keep_others]
     class_id = {c: i for i, c in enumerate(classes)}
     labels = np.array([class_id[labelling.label_of[n]] for n in names], dtype=np.int64)
@@ -213,6 +284,9 @@ def pack(
         split_counts={"train": per_class(split == 0), "val": per_class(split == 1)},
         other_available=len(others),
         caches=caches,
+        converted=sorted(
+            (c for c in decoded.converted if c.member in kept), key=lambda c: c.member
+        ),
     )
 
 

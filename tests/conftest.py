@@ -117,3 +117,17 @@ def assert_inside_the_budget(metrics: dict, budget_min: float, elapsed_s: float)
     # The budget was used, not abandoned by a runaway reserve.
     assert spent >= 0.5 * budget_s, spent
     assert 0 < metrics["budget_finish_s"] < metrics["budget_reserve_s"] + 0.5 * budget_s
+
+
+# Two cat breeds and one dog breed in the Oxford layout, for the downloader's tests.
+CATS = {"Abyssinian": 4, "British_Shorthair": 4}
+DOGS = {"beagle": 6}
+
+
+@pytest.fixture
+def oxford_tar(tmp_path: Path) -> Path:
+    """A small Oxford-layout archive in `tmp_path/www`, where the `http_server` fixture serves."""
+    from archive_factory import oxford_members, write_tar
+
+    (tmp_path / "www").mkdir(exist_ok=True)
+    return write_tar(tmp_path / "www" / "images.tar.gz", oxford_members(CATS, DOGS))

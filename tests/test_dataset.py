@@ -57,6 +57,8 @@ CAT_BREEDS = [
         ({"val_fraction": 0.0}, "greater than 0"),
         ({"max_other": -1}, "greater than or equal to 0"),
         ({"labels": "dog"}, "'breed' or 'species'"),
+        ({"max_member_mib": 0}, "greater than or equal to 1"),
+        ({"max_member_mib": 4096}, "less than or equal to 1024"),
     ],
 )
 def test_bad_specs_are_rejected_with_the_field_named(fields, message):
@@ -90,6 +92,7 @@ def test_version_id_covers_every_field_that_changes_the_output(tmp_path):
         {"max_other": 10},
         {"val_fraction": 0.2},
         {"seed": 1},
+        {"max_member_mib": 64},
     ]
     ids = {base.model_copy(update=v).version_id() for v in variants} | {base.version_id()}
     assert len(ids) == len(variants) + 1
@@ -107,6 +110,8 @@ def test_oxford_mini_breed_counts_are_exact(http_server, tmp_path):
     assert manifest.layout == "oxford-pets"
     assert manifest.other_available == 250
     assert manifest.skipped == []
+    assert (manifest.converted, manifest.converted_counts) == ([], {})  # all RGB JPEGs (README)
+    assert manifest.limits == {"max_member_bytes": 32 << 20, "max_pixels": 89_478_485}
     assert manifest.archive.checksum_verified and manifest.archive.sha256 == OXFORD_MINI_SHA256
     assert manifest.archive.bytes == 37_298_939
     # Stratified: round(10 * 0.1) = 1 validation image per breed, 25 of the 250 others.
@@ -129,7 +134,7 @@ def test_petimages_zip_over_http_species_counts_are_exact(http_server, tmp_path)
     assert ref.counts == {"cat": 7999, "other": 8000}
     manifest = read_manifest(Path(ref.root))
     assert manifest.layout == "folder"
-    assert manifest.skipped == []
+    assert manifest.skipped == [] and manifest.converted == []
     assert manifest.archive.checksum_verified and manifest.archive.bytes == 115_424_566
     images = open_split(ref, 16, "train").images
     assert images.shape == (15999, 16, 16, 3) and images.dtype == np.uint8
