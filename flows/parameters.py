@@ -108,7 +108,8 @@ def _require_local_source(dataset: DatasetSpec, check_network: bool) -> None:
     elif not local_path(dataset.source).is_file():
         raise ValueError(
             f"dataset.source {dataset.source!r} is not a file ({local_path(dataset.source)}); "
-            "pass an existing archive path, a file:// URL or an http(s):// URL (--source)"
+            "pass an existing archive path, a file:// URL or an http(s):// URL as dataset.source "
+            "(--source on the command line)"
         )
 
 
@@ -121,5 +122,6 @@ def _require_resolvable(url: str) -> None:
     except (socket.gaierror, UnicodeError) as exc:
         raise ValueError(
             f"dataset.source host {host!r} does not resolve ({exc.__class__.__name__}: offline, "
-            "or a typo?): pass a reachable URL or a local archive path (--source)"
+            "or a typo?): pass a reachable URL or a local archive path as dataset.source (--source "
+            "on the command line)"
         ) from None

@@ -13,6 +13,7 @@ from prefect import flow
 
 from data.dataset import DatasetSpec
 from flows.parameters import ComputeParams, EvaluationParams, TrainingParams, plan
+from tasks.adapters import artifacts
 from tasks.adapters import modal_calls as backend
 from tasks.adapters.prefect_tasks import (
     ensure_dataset,
@@ -29,7 +30,7 @@ TRAIN_TASKS = {"classifier": train_classifier_task, "dit": train_dit_task}
     name="train-cats",
     on_cancellation=[backend.cancel_recorded_calls],
     on_crashed=[backend.cancel_recorded_calls],
-    on_failure=[backend.cancel_recorded_calls],
+    on_failure=[backend.cancel_recorded_calls, artifacts.flow_failure_artifact],
 )
 def train_cats(
     dataset: DatasetSpec = DatasetSpec(),  # noqa: B008 - pydantic defaults render the UI form

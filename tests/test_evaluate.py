@@ -272,6 +272,13 @@ def test_report_round_trips_through_json_and_shows_deltas_and_regressions(
     rejudged.classifier.weights_sha256 = "0" * 64
     _, _, notes = compare(report, rejudged, abs_threshold=0.02, rel_threshold=0.10)
     assert any("judged the DiT with another classifier" in note for note in notes), notes
+    # Another recipe (here: the DiT's preset changed its lr and steps) is noted field by field.
+    retrained = better.model_copy(deep=True)
+    retrained.dit.train_config = {**report.dit.train_config, "lr": 1.0, "steps": 7, "log_every": 3}
+    _, _, notes = compare(report, retrained, abs_threshold=0.02, rel_threshold=0.10)
+    (note,) = [n for n in notes if "another config" in n]
+    assert note.startswith("the previous report's dit was trained with another config (lr 1.0")
+    assert "steps 7 ->" in note and "log_every" not in note
     assert deltas["classifier.accuracy"].delta == pytest.approx(-0.05)
     previous = tmp_path / "better.json"
     previous.write_text(better.model_dump_json())

@@ -197,6 +197,23 @@ def test_a_failed_training_leaves_a_failure_artifact(tmp_path):
     assert "train_dit failed" in failure.data and "absent" in failure.data
 
 
+def test_a_run_that_fails_validation_leaves_a_failure_artifact(tmp_path):
+    """A deployment run validates inside the flow: its failure must show in the UI too, in the
+    words of the flow's parameters."""
+    missing = str(tmp_path / "absent.tar.gz")
+    state = train_cats(dataset={"source": missing}, models=["dit"], return_state=True)
+    assert state.is_failed()
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])
+            )
+        )
+    (failure,) = [a for a in artifacts if a.key == "failure-train-cats"]
+    assert "train-cats failed" in failure.data and "dataset.source" in failure.data
+    assert missing in failure.data
+
+
 def test_cli_runs_all_in_process_one_training_after_the_other(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TRAIN_CATS_RUNS_DIR", str(tmp_path / "runs"))
     # Evaluation of both models is covered by the dispatch test (same function, Modal path).

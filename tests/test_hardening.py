@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import gzip
 import logging
-import os
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import zipfile
 from collections.abc import Callable
@@ -52,19 +50,35 @@ def _cli(*args: str, **popen: object) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "data/download.py", *args], cwd=REPO, **popen)
 
 
+# Runs the downloader's CLI and, at exit, writes its own VmHWM (peak RSS of the process image
+# after exec, in KiB) to the file named by the first argument. Not ru_maxrss: Linux carries the
+# forking parent's resident set (here the whole test session, torch included) into it.
+_MEASURED_CLI = (
+    "import atexit, runpy, sys\n"
+    "out = sys.argv.pop(1)\n"
+    "def report():\n"
+    "    hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0].split()[1]\n"
+    "    open(out, 'w').write(hwm)\n"
+    "atexit.register(report)\n"
+    "sys.argv[0] = 'data/download.py'\n"
+    "runpy.run_path('data/download.py', run_name='__main__')\n"
+)
+
+
 def _peak_rss(args: list[str], log: Path, timeout_s: float = 300) -> tuple[int, int]:
     """Run the CLI with `args`: (exit status, peak resident memory of that process, bytes)."""
+    peak = log.with_suffix(".peak")
     with open(log, "wb") as stderr:
-        proc = _cli(*args, stdout=subprocess.DEVNULL, stderr=stderr)
-        killer = threading.Timer(timeout_s, proc.kill)
-        killer.start()
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _MEASURED_CLI, str(peak), *args],
+            cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr,
+        )  # fmt: skip
         try:
-            # wait4 reports this child's own rusage: ru_maxrss is its peak RSS, in KiB on Linux.
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            killer.cancel()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, usage.ru_maxrss * 1024
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    return proc.returncode, int(peak.read_text()) * 1024
 
 
 def _wait_for(found: Callable[[], list], proc: subprocess.Popen, what: str, timeout_s=120.0):

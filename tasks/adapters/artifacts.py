@@ -97,6 +97,27 @@ def failure_artifact(step: Any, task_run: Any, state: Any) -> None:
         )
 
 
+def flow_failure_artifact(flow: Any, flow_run: Any, state: Any) -> None:
+    """The flow's ``on_failure`` hook: a markdown artifact on the failed flow run with its error,
+    so that a run that failed before any task (invalid parameters, an unreachable source) shows
+    why in the UI as a failed task does."""
+    markdown = (
+        f"## {flow.name} failed\n\n**Flow run:** `{flow_run.name}`\n\n**Error:** {state.message}"
+        "\n\nFix the parameter it names (Run → Parameters in the UI, or `--params` / the flags"
+        " of `train-cats`) and run again."
+    )
+    with get_client(sync_client=True) as client:
+        client.create_artifact(
+            ArtifactCreate(
+                key=f"failure-{flow.name}",
+                type="markdown",
+                data=markdown,
+                description=f"{flow.name} failed",
+                flow_run_id=flow_run.id,
+            )
+        )
+
+
 class ProgressArtifact:
     """A training ``progress`` callback that keeps one Prefect progress artifact up to date."""
 

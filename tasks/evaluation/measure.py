@@ -35,6 +35,7 @@ def identity(folder: Path, config: dict[str, Any]) -> ModelIdentity:
         image_size=int(config["image_size"]),
         classes=list(config["classes"]),
         dataset_version=config.get("dataset_version"),
+        train_config=dict(config.get("train_config") or {}),
     )
 
 

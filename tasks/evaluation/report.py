@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, Field
 
@@ -46,6 +47,9 @@ class ModelIdentity(BaseModel):
     image_size: int
     classes: list[str]
     dataset_version: str | None = Field(None, description="Version the model was trained on.")
+    train_config: dict[str, Any] = Field(
+        default_factory=dict, description="The training config it was exported with."
+    )
 
 
 class DatasetIdentity(BaseModel):
@@ -147,6 +151,13 @@ def compare(
             "the previous report used a different number of samples: FD/FID are biased by the "
             "sample count, so their deltas are not like-for-like"
         )
+    for kind in ("classifier", "dit"):
+        changed = _config_changes(getattr(previous, kind), getattr(current, kind))
+        if changed:
+            notes.append(
+                f"the previous report's {kind} was trained with another config ({changed}): "
+                "deltas mix the recipe change with run-to-run variation"
+            )
     if current.dit and _judge(previous) != _judge(current):
         notes.append(
             "the previous report judged the DiT with another classifier (its weights or "
@@ -154,6 +165,20 @@ def compare(
             "classifier features are not like-for-like"
         )
     return deltas, [name for name, d in deltas.items() if d.regression], notes
+
+
+# Fields that change how a run is logged or executed, not what it learns.
+_COSMETIC = {"progress_bar", "log_every", "num_threads", "adaptive_threads", "keep_checkpoints"}
+
+
+def _config_changes(before: ModelIdentity | None, after: ModelIdentity | None) -> str:
+    """`field before -> after, ...` for the training-config fields that differ; "" if none (or a
+    model, or a config, is missing on either side)."""
+    if before is None or after is None or not before.train_config or not after.train_config:
+        return ""
+    a, b = before.train_config, after.train_config
+    fields = sorted(k for k in set(a) | set(b) if k not in _COSMETIC and a.get(k) != b.get(k))
+    return ", ".join(f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in fields)
 
 
 def _judge(report: Report) -> tuple[str, str] | None:
