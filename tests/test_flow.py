@@ -182,17 +182,22 @@ def test_cli_waits_longer_for_the_temporary_server_unless_told(tmp_path, set_in,
     assert shown.split() == [str(expected)]
 
 
+def _artifacts_of(state) -> list:
+    """The artifacts recorded for the flow run behind `state`."""
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])
+            )
+        )
+
+
 def test_a_failed_training_leaves_a_failure_artifact(tmp_path):
     bogus = {"root": str(tmp_path / "absent"), "version": "absent-1", "label_mode": "breed",
              "classes": ["a", "b"], "counts": {"a": 1, "b": 1}, "caches": {32: "images_32.npy"}}  # fmt: skip
     state = _failing_training(bogus, return_state=True)
     assert state.is_failed()
-    with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(
-                flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])
-            )
-        )
+    artifacts = _artifacts_of(state)
     (failure,) = [a for a in artifacts if a.key == "failure-train-dit"]
     assert "train_dit failed" in failure.data and "absent" in failure.data
 
@@ -203,12 +208,7 @@ def test_a_run_that_fails_validation_leaves_a_failure_artifact(tmp_path):
     missing = str(tmp_path / "absent.tar.gz")
     state = train_cats(dataset={"source": missing}, models=["dit"], return_state=True)
     assert state.is_failed()
-    with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(
-                flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])
-            )
-        )
+    artifacts = _artifacts_of(state)
     (failure,) = [a for a in artifacts if a.key == "failure-train-cats"]
     assert "train-cats failed" in failure.data and "dataset.source" in failure.data
     assert missing in failure.data

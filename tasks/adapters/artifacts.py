@@ -84,15 +84,23 @@ def failure_artifact(step: Any, task_run: Any, state: Any) -> None:
         f"## {step.name} failed\n\n**Task run:** `{task_run.name}`\n\n"
         f"**Error:** {state.message}\n\n{_NEXT_STEP.get(step.name, _NEXT_STEP['train'])}"
     )
+    key = f"failure-{step.name.replace('_', '-')}"
+    _create_markdown(key, markdown, f"{step.name} failed", task_run.flow_run_id, task_run.id)
+
+
+def _create_markdown(
+    key: str, markdown: str, description: str, flow_run_id: Any, task_run_id: Any = None
+) -> None:
+    """A markdown artifact attached by explicit run ids: hooks run after the run context."""
     with get_client(sync_client=True) as client:
         client.create_artifact(
             ArtifactCreate(
-                key=f"failure-{step.name.replace('_', '-')}",
+                key=key,
                 type="markdown",
                 data=markdown,
-                description=f"{step.name} failed",
-                flow_run_id=task_run.flow_run_id,
-                task_run_id=task_run.id,
+                description=description,
+                flow_run_id=flow_run_id,
+                task_run_id=task_run_id,
             )
         )
 
@@ -106,16 +114,7 @@ def flow_failure_artifact(flow: Any, flow_run: Any, state: Any) -> None:
         "\n\nFix the parameter it names (Run → Parameters in the UI, or `--params` / the flags"
         " of `train-cats`) and run again."
     )
-    with get_client(sync_client=True) as client:
-        client.create_artifact(
-            ArtifactCreate(
-                key=f"failure-{flow.name}",
-                type="markdown",
-                data=markdown,
-                description=f"{flow.name} failed",
-                flow_run_id=flow_run.id,
-            )
-        )
+    _create_markdown(f"failure-{flow.name}", markdown, f"{flow.name} failed", flow_run.id)
 
 
 class ProgressArtifact:
