@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from data.errors import DatasetError
+from data.errors import DatasetError, one_line
 
 # Changing one of these on resume is allowed. `steps` and `time_budget_minutes` re-plan the LR
 # schedule from the resume point (so a run that changes them is no longer bit-identical to an
@@ -189,6 +189,6 @@ def run_cli(
         result = train(config, args.dataset, args.run_dir)
     # pydantic's ValidationError is a ValueError; FileExistsError: a run dir that is a file.
     except (ValueError, FileExistsError, DatasetError) as exc:
-        parser.error(str(exc))
+        parser.error(one_line(exc))
     print(json.dumps(result, sort_keys=True))
     return 0
