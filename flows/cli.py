@@ -10,8 +10,10 @@ import argparse
 import contextlib
 import inspect
 import json
+import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +119,17 @@ def _drop_none(value: Any) -> Any:
     return value
 
 
+@contextlib.contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """Silence one logger for the duration (restored after, whatever happens)."""
+    log = logging.getLogger(logger)
+    before, log.disabled = log.disabled, True
+    try:
+        yield
+    finally:
+        log.disabled = before
+
+
 def _one_line(exc: Exception) -> str:
     """Every early error as one line. Prefect lists a parameter's errors one per line under a
     heading ("Flow run received invalid parameters:\n - field: reason"): join them."""
@@ -148,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         params = parameters_from_args(args)
         if args.deployment:  # report history and deltas per deployment, as on a worker
             params.setdefault("evaluation", {}).setdefault("deployment", args.deployment)
-        bound = train_cats.validate_parameters(params)
+        with _quiet("prefect.flows"):  # it logs the raw errors we print as one line below
+            bound = train_cats.validate_parameters(params)
         models = sorted(set(bound.get("models", ["classifier", "dit"])))
         spec, presets = plan(
             bound.get("dataset", DatasetSpec()),

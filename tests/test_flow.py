@@ -62,6 +62,7 @@ class _NeverRun:
         (["--params", '{"dit": {"overrides": {"patch_size": 5}}}'], "patch"),
         (["--params", '{"models": []}'], "models is empty"),
         (["--params", '{"evaluation": {"cfg": 2}}'], "unknown evaluation option"),
+        (["--params", '{"dit": {"overides": {"steps": 3}}}'], "dit.overides: Extra inputs"),
         (["--gpu", "H100; rm -rf /"], "gpu"),
         (["--source", "ftp://example.org/x.tar"], "unsupported source scheme"),
         (["--source", "/nonexistent/images.tar.gz"], "dataset.source '/nonexistent/images"),
