@@ -18,11 +18,11 @@ from data.dataset import DatasetRef, open_split
 from tasks.evaluation import figures, inception, metrics
 from tasks.evaluation.measure import (
     ClassifierUnderTest,
-    _matched_real,
-    _per_class,
     classifier_metrics,
     generator_metrics,
     identity,
+    matched_real,
+    per_class_accuracies,
     split_images,
 )
 from tasks.evaluation.options import EvalOptions
@@ -73,7 +73,7 @@ def compute_report(
         return
     report.dit = identity(*dit_export)
     fake, class_names = _draw_samples(report, dit_export, stage, opts)
-    real, partners, matched = _matched_real(
+    real, partners, matched = matched_real(
         ref, report.dit.image_size, class_names, opts.samples_per_class, opts.seed
     )
     report.settings["n_real_matched"] = len(real)
@@ -193,7 +193,8 @@ def _add_accuracy_at_dit_size(
     images, labels = split_images(ref, size)
     result = classifier_metrics(clf, images, labels, opts.batch_size)
     report.metrics["classifier.accuracy_at_dit_size"] = result["accuracy"]
-    report.metrics |= _per_class("classifier.class_accuracy_at_dit_size", clf.classes, result)
+    key = "classifier.class_accuracy_at_dit_size"
+    report.metrics |= per_class_accuracies(key, clf.classes, result)
 
 
 def other_version_notes(report: Report, version: str) -> list[str]:

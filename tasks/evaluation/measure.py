@@ -103,7 +103,9 @@ def classifier_metrics(
     return metrics.classification_metrics(preds, labels, len(clf.classes))
 
 
-def _per_class(prefix: str, classes: list[str], result: dict[str, Any]) -> dict[str, float]:
+def per_class_accuracies(
+    prefix: str, classes: list[str], result: dict[str, Any]
+) -> dict[str, float]:
     """`{prefix.<class>: accuracy}` from `classification_metrics`' per-class accuracies, leaving
     out classes without samples."""
     per_class = zip(classes, result["per_class_accuracy"], strict=True)
@@ -146,7 +148,7 @@ def generator_metrics(
     conditional = metrics.classification_metrics(fake_preds, fake_labels, len(clf.classes))
     out = {"generator.conditional_accuracy": conditional["accuracy"]}
     # Per class: e.g. the fraction of cat-conditioned samples the classifier calls "cat".
-    out |= _per_class("generator.conditional_accuracy", clf.classes, conditional)
+    out |= per_class_accuracies("generator.conditional_accuracy", clf.classes, conditional)
     skipped: dict[str, str] = {}
     settings = {"n_feature_samples": n, "classifier_feature_dim": int(fake_feats.shape[1])}
     if n >= 2:
@@ -171,7 +173,7 @@ def generator_metrics(
     return out, skipped, settings
 
 
-def _matched_real(
+def matched_real(
     ref: DatasetRef, image_size: int, class_names: list[str], per_class: int, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
     """Held-out images matching the generated set class by class: for each class, a seeded draw of

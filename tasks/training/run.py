@@ -69,7 +69,6 @@ class TrainingRun:
             self.threads = AdaptiveThreads(torch.get_num_threads())
         self.steps_this_run = 0
         self.last_row: dict[str, Any] | None = None
-        self._t_train = time.monotonic()
         self.train_s = 0.0
         self._t_finish: float | None = None
         self._reserve_s: float | None = None
