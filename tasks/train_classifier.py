@@ -27,21 +27,19 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator, model_validator
 from torchmetrics.functional.classification import multiclass_accuracy
 from torchvision.transforms import v2
 
 from data.dataset import DatasetRef, load_ref, open_split
 from data.loader import PackedBatches, Split, iter_batches
 from models.classifier import (
-    BACKBONES,
     IMAGENET_MEAN,
     IMAGENET_STD,
     Classifier,
-    require_imagenet_weights,
 )
+from tasks.configs.classifier import PRESETS, ClassifierConfig
 from tasks.training.budget import TimeBudget
-from tasks.training.config import TrainConfig, check_cache, run_cli
+from tasks.training.config import check_cache, run_cli
 from tasks.training.export import (
     plain_state_dict,
     write_export,
@@ -62,122 +60,8 @@ from tasks.training.runtime import (
 from tasks.training.schedule import WarmupCosine
 
 NORMALISATION = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
-class ClassifierConfig(TrainConfig):
-    """Everything that defines a classifier training run (see `TrainConfig` for shared fields)."""
 
-    backbone: str = Field("resnet18", description=f"one of {sorted(BACKBONES)}")
-    pretrained: bool = Field(False, description="start from torchvision's ImageNet weights")
-    small_input_stem: bool = Field(True, description="CIFAR-style stem for 32-64 px inputs")
-    label_smoothing: float = Field(0.1, ge=0, lt=1)
-    train_image_size: int | None = Field(
-        None,
-        ge=8,
-        description="RandomResizedCrop output in px (default: image_size); below image_size it "
-        "trains faster while validation and the export stay at image_size (FixRes)",
-    )
-    test_size_finetune_fraction: float = Field(
-        0.0,
-        ge=0,
-        lt=1,
-        description="final share of the planned steps trained on image_size crops rather than "
-        "train_image_size ones (FixRes fine-tuning at the test resolution)",
-    )
-    crop_scale_min: float = Field(0.35, gt=0, le=1, description="RandomResizedCrop min area")
-    color_jitter: float = Field(0.2, ge=0, description="brightness/contrast/saturation strength")
-    flip: bool = Field(True, description="random horizontal flips")
-    test_time_flip: bool = Field(
-        False, description="evaluate (and judge) on the mean of each image and its mirror"
-    )
-    eval_every_epochs: int = Field(1, ge=1, description="epochs between validation passes")
-    eval_batch_size: int = Field(256, ge=1)
-
-    @field_validator("backbone")
-    @classmethod
-    def _known_backbone(cls, value: str) -> str:
-        if value not in BACKBONES:
-            raise ValueError(f"unknown backbone {value!r}; choose one of {sorted(BACKBONES)}")
-        return value
-
-    @property
-    def train_size(self) -> int:
-        """The training crops' side in px: `train_image_size`, else `image_size`."""
-        return self.train_image_size or self.image_size
-
-    @model_validator(mode="after")
-    def _train_crops_fit(self) -> ClassifierConfig:
-        if self.train_size > self.image_size:
-            raise ValueError(
-                f"train_image_size={self.train_image_size} exceeds image_size={self.image_size}: "
-                "the crops are cut from the image_size cache, so upsampling them adds no detail; "
-                "lower train_image_size, or raise image_size (a cache at that size)"
-            )
-        if self.test_size_finetune_fraction > 0 and self.train_size == self.image_size:
-            raise ValueError(
-                f"test_size_finetune_fraction={self.test_size_finetune_fraction} fine-tunes at "
-                f"image_size={self.image_size}, which the run already trains at; set "
-                "train_image_size below image_size, or the fraction to 0"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _weights_exist(self) -> ClassifierConfig:
-        if self.pretrained:
-            require_imagenet_weights(self.backbone)
-        return self
-
-
-PRESETS: dict[str, ClassifierConfig] = {
-    # Tests and CI: MobileNetV3-Small at 32 px, 60 steps of 16; why: docs/recipes.md.
-    "cpu-tiny": ClassifierConfig(
-        backbone="mobilenet_v3_small",
-        small_input_stem=False,
-        image_size=32,
-        steps=60,
-        batch_size=16,
-        lr=2e-3,
-        warmup_steps=5,
-        weight_decay=0.05,
-        log_every=10,
-        ckpt_every_steps=30,
-        progress_bar=False,
-    ),
-    # The 2-core demo: ResNet-8 at 64 px, 10 minutes; why: docs/recipes.md.
-    "cpu-small": ClassifierConfig(
-        backbone="resnet8",
-        small_input_stem=False,
-        image_size=64,
-        steps=100_000,
-        time_budget_minutes=10.0,
-        batch_size=64,
-        lr=2e-3,
-        warmup_steps=30,
-        weight_decay=0.05,
-        crop_scale_min=0.75,
-        color_jitter=0.0,
-        test_time_flip=True,
-        eval_every_epochs=3,
-        log_every=10,
-        ckpt_every_steps=200,
-        ckpt_every_minutes=2.0,
-    ),
-    # The Modal default: ImageNet-pretrained ResNet-50 at 224 px; why: docs/recipes.md.
-    "gpu": ClassifierConfig(
-        backbone="resnet50",
-        pretrained=True,
-        small_input_stem=False,
-        image_size=224,
-        steps=10_000,
-        time_budget_minutes=20.0,
-        batch_size=256,
-        lr=1e-3,
-        warmup_steps=300,
-        weight_decay=0.05,
-        log_every=50,
-        ckpt_every_steps=1_000,
-        ckpt_every_minutes=10.0,
-        compile=True,
-    ),
-}
+__all__ = ["PRESETS", "ClassifierConfig", "train_classifier"]  # configs: tasks.configs.classifier
 
 
 def _augmentation(config: ClassifierConfig, size: int) -> v2.Compose:
@@ -299,7 +183,9 @@ def train_classifier(
         )
 
     def validate(net: Classifier) -> dict[str, float]:
-        metrics = validation_metrics(net, val_split, config.eval_batch_size, device, config.precision)
+        metrics = validation_metrics(
+            net, val_split, config.eval_batch_size, device, config.precision
+        )
         epoch = run.step / loader.steps_per_epoch
         run.log.write({"kind": "eval", "step": run.step, "epoch": epoch, **metrics})
         return metrics

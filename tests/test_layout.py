@@ -17,6 +17,7 @@ RANKS = {
     "tasks.paths": 2,
     "tasks.training": 3,
     "tasks.exported": 4,
+    "tasks.configs": 4,
     "tasks.evaluation": 5,
     "tasks.train_dit": 6,
     "tasks.train_classifier": 6,

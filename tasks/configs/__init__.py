@@ -1,0 +1,1 @@
+"""Training configs and their named presets, one module per model."""

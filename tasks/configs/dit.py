@@ -1,0 +1,153 @@
+"""The DiT training config (`DiTConfig`) and its named presets (`PRESETS`).
+
+Kept apart from the training loop (`tasks.train_dit`) so that the command lines, the flow's
+parameter checks and the deployments can read and validate a config without building a model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from models.dit import DIT_CONFIGS, dit_from_config
+from tasks.training.config import TrainConfig
+
+
+class DiTConfig(TrainConfig):
+    """Everything that defines a DiT training run (see `TrainConfig` for the shared fields).
+
+    The architecture is a named `models.dit.DIT_CONFIGS` entry (`arch`) with optional overrides of
+    its width, depth, heads and patch size; `image_size` is the DiT's input size.
+    """
+
+    arch: str = Field("DiT-Nano/4", description="named DiT config, e.g. DiT-Ti/4, DiT-S/4")
+    hidden_size: int | None = Field(None, ge=4, description="override of the arch's width")
+    depth: int | None = Field(None, ge=1, description="override of the arch's depth")
+    num_heads: int | None = Field(None, ge=1, description="override of the arch's heads")
+    patch_size: int | None = Field(None, ge=1, description="override of the arch's patch size")
+    mlp_ratio: float = Field(4.0, gt=0)
+    qk_norm: bool = False
+    stem_channels: int = Field(0, ge=0, description="conv stem width before patchify; 0 = none")
+    long_skip: bool = Field(False, description="U-ViT long skips between shallow and deep blocks")
+    final_conv: bool = Field(False, description="residual 3x3 conv after unpatchify")
+    class_dropout_prob: float = Field(0.1, ge=0, lt=1, description="CFG label dropout")
+    time_schedule: Literal["uniform", "logit_normal"] = "logit_normal"
+    flip: bool = Field(True, description="random horizontal flips")
+    ema_decay: float = Field(0.9999, ge=0, lt=1)
+    ema_max_window: float = Field(
+        0.1,
+        gt=0,
+        le=1,
+        description="cap the EMA window 1/(1-decay) at this fraction of the planned steps",
+    )
+    sample_every: int = Field(500, ge=1, description="steps between EMA sample grids")
+    samples_per_class: int = Field(8, ge=1, description="grid columns (one row per class)")
+    sample_steps: int = Field(25, ge=1, description="ODE steps for grids")
+    sample_method: Literal["euler", "heun"] = "euler"
+    cfg_scale: float = Field(2.0, ge=1.0, description="CFG scale for grids and default sampling")
+    sdpa_backend: Literal["auto", "math"] = Field(
+        "auto", description="attention kernel in training: torch's choice, or the unfused math path"
+    )
+
+    @model_validator(mode="after")
+    def _architecture_fits(self) -> DiTConfig:
+        if self.arch not in DIT_CONFIGS:
+            raise ValueError(f"arch={self.arch!r} is unknown; choose one of {sorted(DIT_CONFIGS)}")
+        if self.cfg_scale != 1.0 and self.class_dropout_prob == 0:
+            raise ValueError("cfg_scale != 1 needs class_dropout_prob > 0 (a trained null class)")
+        try:
+            self.architecture(num_classes=1)
+        except (
+            ValueError
+        ) as exc:  # the model's words are input_size; the user's field is image_size
+            raise ValueError(str(exc).replace("input_size", "image_size")) from None
+        return self
+
+    def architecture(self, num_classes: int) -> dict[str, Any]:
+        """The `DiT(**kwargs)` arguments for `num_classes` classes (built on the meta device,
+        so checking costs no memory). Raises ValueError from `DiT` for sizes that do not fit."""
+        overrides = {
+            name: value
+            for name in ("hidden_size", "depth", "num_heads", "patch_size")
+            if (value := getattr(self, name)) is not None
+        }
+        with torch.device("meta"):
+            model = dit_from_config(
+                self.arch,
+                input_size=self.image_size,
+                num_classes=num_classes,
+                mlp_ratio=self.mlp_ratio,
+                qk_norm=self.qk_norm,
+                stem_channels=self.stem_channels,
+                long_skip=self.long_skip,
+                final_conv=self.final_conv,
+                class_dropout_prob=self.class_dropout_prob,
+                **overrides,
+            )
+        return dict(model.config)
+
+
+PRESETS: dict[str, DiTConfig] = {
+    # Tests and CI: 64 tokens of width 64, seconds on one core.
+    "cpu-tiny": DiTConfig(
+        arch="DiT-Nano/4",
+        image_size=32,
+        steps=30,
+        batch_size=16,
+        lr=1e-3,
+        warmup_steps=5,
+        log_every=5,
+        sample_every=15,
+        samples_per_class=4,
+        sample_steps=8,
+        ckpt_every_steps=15,
+        ema_decay=0.99,
+        progress_bar=False,
+    ),
+    # The 2-core demo: DiT-Ti/4 at 32 px, 10 minutes; why: docs/recipes.md.
+    "cpu-small": DiTConfig(
+        arch="DiT-Ti/4",
+        image_size=32,
+        steps=100_000,
+        time_budget_minutes=10.0,
+        batch_size=16,
+        lr=1e-3,
+        warmup_steps=100,
+        weight_decay=0.0,
+        qk_norm=True,
+        stem_channels=32,
+        long_skip=True,
+        final_conv=True,
+        sdpa_backend="math",
+        log_every=20,
+        sample_every=500,
+        ckpt_every_steps=500,
+        ckpt_every_minutes=2.0,
+        ema_decay=0.999,
+        cfg_scale=5.0,
+        sample_method="heun",
+        sample_steps=16,
+    ),
+    # The Modal default: DiT-S/4 at 128 px, batch 256, one hour; why: docs/recipes.md.
+    "gpu": DiTConfig(
+        arch="DiT-S/4",
+        image_size=128,
+        steps=50_000,
+        time_budget_minutes=60.0,
+        batch_size=256,
+        lr=1e-4,
+        warmup_steps=1_000,
+        weight_decay=0.0,
+        log_every=100,
+        sample_every=2_500,
+        ckpt_every_steps=2_500,
+        ckpt_every_minutes=10.0,
+        ema_decay=0.9999,
+        qk_norm=True,
+        compile=True,
+        sample_steps=50,
+        sample_method="heun",
+    ),
+}
