@@ -16,7 +16,7 @@ import typing
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from data.errors import DatasetError, one_line
 
@@ -42,6 +42,10 @@ RESUMABLE_FIELDS = frozenset(
         "num_threads",
         "adaptive_threads",
         "sdpa_backend",
+        # The global batch is what the maths sees; how many processes share it, and where the
+        # images sit, only changes the summation order of the gradient all-reduce.
+        "world_size",
+        "device_cache_fraction",
     }
 )
 
@@ -93,6 +97,29 @@ class TrainConfig(BaseModel):
         "against one and keep the faster, re-checked as other processes come and go",
     )
     progress_bar: bool = True
+    world_size: int | None = Field(
+        None,
+        ge=1,
+        description="data-parallel processes (DDP), each taking batch_size / world_size images of "
+        "every global batch; default: every visible CUDA device, 1 on the CPU",
+    )
+    device_cache_fraction: float = Field(
+        0.5,
+        ge=0,
+        le=0.9,
+        description="copy the training split's uint8 cache to the accelerator once when it takes "
+        "at most this share of the device's memory (then no per-step host-to-device copy); "
+        "0 keeps it on the host (memory-mapped, pinned, prefetched)",
+    )
+
+    @model_validator(mode="after")
+    def _batch_splits_evenly(self) -> TrainConfig:
+        if self.world_size is not None and self.batch_size % self.world_size:
+            raise ValueError(
+                f"batch_size={self.batch_size} does not split evenly over world_size="
+                f"{self.world_size} processes; pick a batch_size that is a multiple of it"
+            )
+        return self
 
 
 ConfigT = TypeVar("ConfigT", bound=TrainConfig)
