@@ -7,10 +7,12 @@ import socket
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from data.dataset import DatasetSpec, default_data_dir, local_path, read_manifest
 from tasks.adapters import modal_calls as backend
+from tasks.adapters.costs import parse_gpu
+from tasks.adapters.limits import DEFAULT_MAX_QUEUE_MINUTES
 from tasks.evaluation.options import EvalOptions
 from tasks.paths import DEFAULT_GPU
 from tasks.train import build_config
@@ -50,6 +52,19 @@ class ComputeParams(BaseModel):
         description="Modal GPU type for training and evaluation: T4, L4, A10G, L40S, A100-80GB, "
         "H100, or e.g. H100:2 for two. Ignored with backend=local.",
     )
+    max_queue_minutes: float = Field(
+        DEFAULT_MAX_QUEUE_MINUTES,
+        gt=0,
+        description="Modal: cancel a call and fail the run when it has not got a container (no "
+        "GPU free) within this many minutes. Ignored with backend=local.",
+    )
+
+    @model_validator(mode="after")
+    def _gpu_has_a_price(self) -> ComputeParams:
+        # On Modal the run publishes the most it can cost, which needs the GPU's price.
+        if self.backend == "modal":
+            parse_gpu(self.gpu)
+        return self
 
 
 class EvaluationParams(EvalOptions):

@@ -13,7 +13,7 @@ from prefect import flow
 
 from data.dataset import DatasetSpec
 from flows.parameters import ComputeParams, EvaluationParams, TrainingParams, plan
-from tasks.adapters import artifacts
+from tasks.adapters import artifacts, spend
 from tasks.adapters import modal_calls as backend
 from tasks.adapters.prefect_tasks import (
     ensure_dataset,
@@ -44,6 +44,12 @@ def train_cats(
     models = sorted(set(models))
     training = {"classifier": classifier, "dit": dit}
     spec, presets = plan(dataset, models, training, compute, evaluation)
+    limits = {}  # Modal: each GPU step's timeouts and retries, and the most they can cost
+    if compute.backend == "modal":
+        overrides = {m: training[m].overrides for m in models}
+        limits = spend.plan_spend(
+            presets, overrides, compute.gpu, compute.max_queue_minutes, evaluation.enabled
+        )
     ref = ensure_dataset(spec, backend=compute.backend).model_dump(mode="json")
     prefix = run_prefix()
     train = {
@@ -54,17 +60,18 @@ def train_cats(
             overrides=training[m].overrides,
             backend_name=compute.backend,
             gpu=compute.gpu,
+            max_queue_minutes=compute.max_queue_minutes,
         )
         for m in models
     }
-    if compute.backend == "modal":  # separate GPU containers: run both at once
-        futures = {m: TRAIN_TASKS[m].submit(**train[m]) for m in models}
-        results = {m: f.result() for m, f in futures.items()}
+    if compute.backend == "modal":  # separate GPU containers: both at once; one fails, both stop
+        futures = {m: spend.bounded(TRAIN_TASKS[m], limits[m]).submit(**train[m]) for m in models}
+        results = spend.gather_or_fail_fast(futures)
     else:  # one machine: one after the other
         results = {m: TRAIN_TASKS[m](**train[m]) for m in models}
     report = None
     if evaluation.enabled:
-        report = evaluate_task(
+        report = spend.bounded(evaluate_task, limits.get("evaluate"))(
             ref,
             out=f"{prefix}/report",
             classifier=train.get("classifier", {}).get("run_name"),
@@ -72,6 +79,7 @@ def train_cats(
             options=evaluation.options(),
             backend_name=compute.backend,
             gpu=compute.gpu,
+            max_queue_minutes=compute.max_queue_minutes,
         )
     return {
         "dataset_version": ref["version"],

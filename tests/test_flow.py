@@ -145,9 +145,8 @@ def test_prefect_yaml_deployments_schedules_pool_and_concurrency():
         assert deployment["entrypoint"] == "flows/train_cats.py:train_cats"
         assert deployment["parameters"]["models"] == expected_models[name]
         assert "train-cats" in deployment["tags"]
-        (schedule,) = deployment["schedules"]
-        assert schedule["cron"] == "0 3 * * 1" and schedule["timezone"] == "UTC"
-        assert schedule["active"] is False
+        (schedule,) = deployment["schedules"]  # their times and state: tests/test_schedules.py
+        assert schedule["timezone"] == "UTC"
         assert deployment["concurrency_limit"]["limit"] == 1
         assert deployment["work_pool"]["name"] == "train-cats-local"
         # Every deployment's parameters pass the flow's own validation.

@@ -28,10 +28,11 @@ import modal
 
 from data import download
 from data.dataset import DatasetSpec, load_ref
+from tasks.adapters import limits
 from tasks.evaluate import evaluate_runs
 from tasks.evaluation.options import EvalOptions
 from tasks.paths import APP_NAME, DATA_VOLUME, DEFAULT_GPU, RUNS_VOLUME, run_path
-from tasks.train import train
+from tasks.train import TRAINERS, build_config, train
 
 DATA_MOUNT = PurePosixPath("/data")
 RUNS_MOUNT = PurePosixPath("/runs")
@@ -43,10 +44,20 @@ PYTHON_SOURCES = ("data", "models", "tasks")
 # that setup.sh installs (tests/test_modal_image.py checks both against it).
 LOCK_FILE = Path(__file__).resolve().parents[2] / "requirements.lock"
 
-# Modal's ceiling is 24 h per attempt; the trainings' own time budget is the real cap on spend.
-TRAIN_TIMEOUT_S = 24 * 60 * 60
-# Preemption restarts the same call; training resumes from the newest checkpoint on the volume.
-PREEMPTION_RETRIES = modal.Retries(max_retries=3, backoff_coefficient=2.0, initial_delay=10.0)
+# Static timeouts, for direct `modal run` use only: the flow sets each call's timeout from its
+# config's time budget (`with_options`, tasks/adapters/limits.py). Here: the longest `gpu` preset.
+TRAIN_TIMEOUT_S = max(
+    limits.training_timeout_s(build_config(m, "gpu").time_budget_minutes) for m in TRAINERS
+)
+# No `retries=` on the GPU functions, on purpose. Modal's `retries` re-runs an input whose *code*
+# failed or timed out (https://modal.com/docs/guide/retries), i.e. a bad config, a NaN loss
+# (FloatingPointError) or a bug, which fails the same way again, each time for up to a whole
+# timeout of GPU time (timeouts are per attempt: https://modal.com/docs/guide/timeouts).
+# Preemption needs none: "Modal will gracefully terminate the Function and restart it on the same
+# input" (https://modal.com/docs/guide/preemption), and a container that crashes after start-up is
+# rescheduled by Modal too (guide/retries); training then resumes from the newest checkpoint
+# committed to the runs volume. The flow retries a step once more only after an infrastructure
+# failure that reached the client (`modal.exception.InternalFailure`, tasks/adapters/limits.py).
 # A running training commits its checkpoints at most this often, so a restart finds them.
 COMMIT_EVERY_S = 300.0
 
@@ -118,7 +129,6 @@ _GPU_FUNCTION = dict(
     gpu=DEFAULT_GPU,
     volumes={DATA_MOUNT: data_volume, RUNS_MOUNT: runs_volume},
     timeout=TRAIN_TIMEOUT_S,
-    retries=PREEMPTION_RETRIES,
     single_use_containers=True,
 )
 
@@ -141,8 +151,7 @@ def train_dit(dataset: str, run_name: str, preset: str = "gpu", overrides: str =
     image=image,
     gpu=DEFAULT_GPU,
     volumes={DATA_MOUNT: data_volume, RUNS_MOUNT: runs_volume},
-    timeout=2 * 60 * 60,
-    retries=PREEMPTION_RETRIES,
+    timeout=limits.EVALUATION_TIMEOUT_S,
     single_use_containers=True,
 )
 def evaluate(

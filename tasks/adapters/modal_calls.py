@@ -12,6 +12,10 @@ Cancellation reaches a Modal call two ways: the waiting loop cancels its call on
 (Prefect turns SIGTERM into an exception in the flow process), and ``cancel_recorded_calls`` -- the
 flow's ``on_cancellation``/``on_crashed`` hook, which Prefect runs even after the flow process was
 killed -- cancels every call id the flow run recorded as an artifact.
+
+Spend is bounded per call (``tasks/adapters/limits.py``): each GPU call gets a Modal timeout from
+its config's time budget and no Modal-side retries (``with_options``), and a call that has not
+started within the queue time (``call_started``) is cancelled.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from prefect.client.schemas.filters import (
 )
 
 from tasks.adapters import artifacts as monitoring
+from tasks.adapters.limits import StepLimits
 from tasks.paths import APP_NAME, METRICS, RUNS_VOLUME
 
 CALL_ARTIFACT_PREFIX = "modal-call-"
@@ -39,6 +44,10 @@ POLL_S = 30.0
 
 class ModalUnavailableError(RuntimeError):
     """``backend="modal"`` was asked for but Modal cannot be used (no credentials, app not deployed)."""
+
+
+class QueueTimeoutError(RuntimeError):
+    """A Modal call got no container (no GPU free) within the flow's ``compute.max_queue_minutes``."""
 
 
 def modal_credentials_present() -> bool:
@@ -62,15 +71,55 @@ def require_modal_credentials() -> None:
         )
 
 
-def lookup(function_name: str, gpu: str | None = None) -> Any:
-    """The deployed ``train-cats`` function ``function_name``, on ``gpu`` when given.
+def lookup(function_name: str, **options: Any) -> Any:
+    """The deployed ``train-cats`` function ``function_name``, with per-call ``options``.
 
-    ``with_options(gpu=...)`` picks the GPU per call, so changing it needs no redeploy.
+    ``options`` go to ``Function.with_options`` (``gpu``, ``timeout`` in seconds, ``retries``), so
+    the GPU and the timeout follow each run's parameters with no redeploy.
     """
     import modal
 
     function = modal.Function.from_name(APP_NAME, function_name)
-    return function.with_options(gpu=gpu) if gpu else function
+    return function.with_options(**options) if options else function
+
+
+def call_started(call: Any) -> bool | None:
+    """Whether Modal has given ``call`` a container yet: True, False, or None when it cannot tell.
+
+    Modal's client has no "running" status; its call graph (``FunctionCall.get_call_graph``, see
+    https://modal.com/docs/reference/modal.call_graph) lists each input with a ``task_id`` (the
+    container it was assigned to, empty while queued) and a status (``PENDING`` until it ends).
+    Modal calls that graph best-effort and not real-time, so an empty graph or an API error is
+    "cannot tell" (None), never "not started": the caller must not cancel a call on missing
+    information.
+    """
+    from modal.call_graph import InputStatus
+
+    try:
+        graph = call.get_call_graph()
+    except Exception as exc:
+        get_run_logger().warning("could not read the call graph of %s: %s", call.object_id, exc)
+        return None
+    inputs = [i for i in _walk(graph) if i.function_call_id == call.object_id]
+    if not inputs:
+        return None
+    return any(i.task_id or i.status != InputStatus.PENDING for i in inputs)
+
+
+def _walk(nodes: list) -> list:
+    return [n for node in nodes for n in (node, *_walk(node.children))]
+
+
+def is_infrastructure_error(exc: BaseException) -> bool:
+    """True for a failure of Modal's infrastructure that reached the client, worth one retry.
+
+    Only ``modal.exception.InternalFailure`` ("retriable internal error"): preemption and crashed
+    containers are restarted by Modal itself, and anything else is the project's own error (a bad
+    config, a NaN loss, a bug), a timeout or a cancellation, which a retry would only repeat.
+    """
+    import modal.exception
+
+    return isinstance(exc, modal.exception.InternalFailure)
 
 
 def call_from_id(call_id: str) -> Any:
@@ -172,26 +221,34 @@ def _record(function_name: str, call: Any, gpu: str | None) -> None:
 def run_on_modal(
     function_name: str,
     *,
-    gpu: str | None = None,
+    limits: StepLimits | None = None,
     poll_s: float | None = None,
     watch: Callable[[], None] | None = None,
     **kwargs: Any,
 ) -> Any:
     """Spawn ``function_name(**kwargs)`` on the deployed app, record its call id, wait, return.
 
-    The call id goes into a table artifact (key ``modal-call-<function>``) before waiting, so the
-    flow's cancellation hook can find it. ``watch`` (e.g. a ``RemoteTrainingProgress``) is called
-    every ``poll_s`` seconds (default ``POLL_S``) while the call runs. An interrupt while waiting
-    (Prefect's cancellation signal, Ctrl-C) cancels the call before it propagates.
+    With ``limits`` (a GPU step) the call runs on ``limits.gpu`` with ``limits.modal_timeout_s``
+    (seconds) and no Modal-side retries, and is cancelled if it has not started within
+    ``limits.max_queue_s`` seconds. The call id goes into a table artifact (key
+    ``modal-call-<function>``) before waiting, so the flow's cancellation hook can find it.
+    ``watch`` (e.g. a ``RemoteTrainingProgress``) is called every ``poll_s`` seconds (default
+    ``POLL_S``) while the call runs. Whatever ends the wait early (the queue time, a failed poll,
+    Prefect's timeout or cancellation, Ctrl-C) cancels the call before it propagates.
 
     Raises:
         ModalUnavailableError: the app is not deployed (names the ``modal deploy`` command).
+        QueueTimeoutError: the call did not start within ``limits.max_queue_s``.
         Exception: whatever the remote function raised, re-raised by Modal.
     """
     import modal.exception
 
     logger = get_run_logger()
-    function = lookup(function_name, gpu)
+    options: dict[str, Any] = {}
+    if limits is not None:
+        # retries=0 also overrides a stale deployment that still declares retries.
+        options = dict(gpu=limits.gpu, timeout=limits.modal_timeout_s, retries=0)
+    function = lookup(function_name, **options)
     try:
         call = function.spawn(**kwargs)
     except modal.exception.NotFoundError as exc:
@@ -199,25 +256,54 @@ def run_on_modal(
             f"Modal app {APP_NAME!r} has no function {function_name!r}: deploy it with "
             f"`modal deploy tasks/adapters/modal_app.py` ({exc})"
         ) from exc
-    _record(function_name, call, gpu)
-    logger.info("spawned Modal call %s: %s(%s)", call.object_id, function_name, sorted(kwargs))
+    _record(function_name, call, options.get("gpu"))
+    logger.info("spawned Modal call %s: %s(%s) %s", call.object_id, function_name, sorted(kwargs),
+                options)  # fmt: skip
     try:
-        while True:
-            try:
-                return call.get(timeout=poll_s or POLL_S)
-            # Only the builtin TimeoutError means "not finished yet"; a remote function that ran
-            # out of time raises modal.exception.FunctionTimeoutError, which must propagate.
-            except TimeoutError:
-                if watch is None:
-                    logger.info("Modal call %s still running", call.object_id)
-                else:
-                    watch()
-    except Exception:
-        raise  # the remote function failed (or the poll did): nothing of ours left to stop here
-    except BaseException:  # cancellation (Prefect's TerminationSignal), Ctrl-C, exit
-        logger.warning("cancelling Modal call %s", call.object_id)
+        return _wait(call, function_name, limits, poll_s or POLL_S, watch)
+    except BaseException as exc:  # cancelling a finished call is a no-op, so cancel on every path
+        logger.warning("cancelling Modal call %s (%s)", call.object_id, type(exc).__name__)
         call.cancel()
         raise
+
+
+def _wait(
+    call: Any,
+    function_name: str,
+    limits: StepLimits | None,
+    poll_s: float,
+    watch: Callable[[], None] | None,
+) -> Any:
+    logger = get_run_logger()
+    t0 = time.monotonic()
+    started = None if limits is not None else True
+    while True:
+        waited = time.monotonic() - t0
+        timeout = poll_s
+        if not started and limits is not None:  # look again at the end of the queue time
+            timeout = max(0.0, min(poll_s, limits.max_queue_s - waited)) or poll_s
+        try:
+            return call.get(timeout=timeout)
+        # Only the builtin TimeoutError means "not finished yet"; a remote function that ran
+        # out of time raises modal.exception.FunctionTimeoutError, which must propagate.
+        except TimeoutError:
+            pass
+        if not started and limits is not None:
+            started = call_started(call)
+            waited = time.monotonic() - t0
+            if started is False and waited >= limits.max_queue_s:
+                raise QueueTimeoutError(
+                    f"Modal call {call.object_id} ({function_name} on {limits.gpu}) did not start "
+                    f"within {limits.max_queue_s / 60:g} min (no {limits.gpu} free?), so it was "
+                    "cancelled: raise compute.max_queue_minutes or choose another compute.gpu"
+                )
+            if started:
+                logger.info("Modal call %s started after %.0f s", call.object_id, waited)
+        if watch is None:
+            logger.info("Modal call %s still %s", call.object_id,
+                        "running" if started else "waiting for a container")  # fmt: skip
+        else:
+            watch()
 
 
 def cancel_recorded_calls(flow: Any, flow_run: Any, state: Any) -> None:
@@ -227,16 +313,22 @@ def cancel_recorded_calls(flow: Any, flow_run: Any, state: Any) -> None:
     trains), so no GPU keeps running for a finished flow run; cancelling a finished call is a
     no-op.
     """
+    cancel_flow_run_calls(flow_run.id)
+
+
+def cancel_flow_run_calls(flow_run_id: Any) -> list[str]:
+    """Cancel every Modal call recorded by the flow run ``flow_run_id``; returns their call ids."""
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(
                 key=ArtifactFilterKey(like_=CALL_ARTIFACT_PREFIX),
-                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id]),
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]),
             )
         )
-    for artifact in artifacts:
-        for row in _rows(artifact.data):
-            call_from_id(row["call_id"]).cancel()
+    ids = [row["call_id"] for artifact in artifacts for row in _rows(artifact.data)]
+    for call_id in ids:
+        call_from_id(call_id).cancel()
+    return ids
 
 
 def _rows(data: Any) -> list[dict]:

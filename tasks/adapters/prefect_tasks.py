@@ -33,7 +33,7 @@ from data.dataset import DatasetRef, DatasetSpec
 from data.download import ensure
 from data.errors import TransientError
 from tasks.adapters import artifacts as monitoring
-from tasks.adapters import modal_calls
+from tasks.adapters import limits, modal_calls
 from tasks.evaluate import evaluate_runs
 from tasks.evaluation.history import default_deployment
 from tasks.evaluation.options import EvalOptions
@@ -127,17 +127,21 @@ def _train(
     overrides: dict,
     backend_name: Backend,
     gpu: str,
+    max_queue_minutes: float,
 ) -> dict:
     """Train ``model`` locally (in the shared slot) or on Modal; publish its result artifacts."""
     logger = get_run_logger()
     config = build_config(model, preset, overrides)  # fail here, not in a GPU container
     if backend_name == "modal":
+        step = limits.training_limits(model, config.time_budget_minutes, gpu, max_queue_minutes)
+        if step.note:
+            logger.warning("train_%s on Modal: %s", model, step.note)
         progress = modal_calls.RemoteTrainingProgress(
             f"{model} · {preset}", run_name, config.time_budget_minutes
         )
         result = modal_calls.run_on_modal(
             f"train_{model}",
-            gpu=gpu,
+            limits=step,
             watch=progress,
             dataset=json.dumps(dataset),
             run_name=run_name,
@@ -171,8 +175,11 @@ def _training_task(model: str) -> Any:
         overrides: dict,
         backend_name: Backend = "local",
         gpu: str = DEFAULT_GPU,
+        max_queue_minutes: float = limits.DEFAULT_MAX_QUEUE_MINUTES,
     ) -> dict:
-        return _train(model, dataset, run_name, preset, overrides, backend_name, gpu)
+        return _train(
+            model, dataset, run_name, preset, overrides, backend_name, gpu, max_queue_minutes
+        )
 
     run.__name__ = run.__qualname__ = f"train_{model}_task"
     run.__doc__ = f"Train the {model} (see ``tasks.train_{model}``); returns its JSON-able result."
@@ -206,11 +213,13 @@ def evaluate_task(
     options: EvalOptions | None = None,
     backend_name: Backend = "local",
     gpu: str = DEFAULT_GPU,
+    max_queue_minutes: float = limits.DEFAULT_MAX_QUEUE_MINUTES,
 ) -> dict:
     """Evaluate the exported runs named ``classifier``/``dit`` into the run name ``out``.
 
     Re-running the same flow run replaces its report (``overwrite``); the report history, and so
-    the deltas against the previous run, is kept per Prefect deployment.
+    the deltas against the previous run, is kept per Prefect deployment. On Modal it runs on
+    ``gpu`` within ``limits.evaluation_limits`` (``max_queue_minutes`` to get a container).
     """
     given = options.model_dump(exclude_unset=True) if options is not None else {}
     opts = EvalOptions.model_validate(
@@ -219,7 +228,7 @@ def evaluate_task(
     if backend_name == "modal":
         result = modal_calls.run_on_modal(
             "evaluate",
-            gpu=gpu,
+            limits=limits.evaluation_limits(gpu, max_queue_minutes),
             dataset=json.dumps(dataset),
             out=out,
             classifier=classifier or "",
