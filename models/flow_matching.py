@@ -85,6 +85,13 @@ def interpolate(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch
     return (1 - t) * x0 + t * noise
 
 
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The network inside torch.compile's and DistributedDataParallel's wrappers."""
+    while isinstance(inner := getattr(model, "_orig_mod", getattr(model, "module", None)), nn.Module):
+        model = inner
+    return model
+
+
 def flow_matching_loss(
     model: nn.Module,
     x0: torch.Tensor,
@@ -93,12 +100,16 @@ def flow_matching_loss(
     generator: torch.Generator | None = None,
     loc: float = 0.0,
     scale: float = 1.0,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> torch.Tensor:
     """Conditional flow-matching loss ``E |model(x_t, t, y) - (noise - x0)|^2`` (Lipman et al. §4).
 
     Every random draw of the step (times, noise and, for a model in training mode with
     ``class_dropout_prob > 0``, the CFG label dropout) comes from ``generator`` when given, so
-    restoring the generator's state reproduces the step exactly (resumable training).
+    restoring the generator's state reproduces the step exactly (resumable training). With data
+    parallelism, ``x0`` is shard ``rank`` of a global batch of ``world_size * B`` rows: the draws
+    are made for the global batch and sharded, so every world size draws the same numbers.
 
     Args:
         model: a velocity model ``model(x, t, y, force_drop_ids=None) -> (B, C, H, W)``
@@ -109,9 +120,10 @@ def flow_matching_loss(
         generator: optional torch.Generator on any device; draws happen on its device and move
             to ``x0.device`` (a generator on the data's device avoids that copy).
         loc, scale: logit-normal parameters.
+        rank, world_size: this shard's place in the global batch (0, 1: no sharding).
 
     Returns:
-        Scalar float32 mean squared error over all pixels.
+        Scalar float32 mean squared error over this shard's pixels.
 
     Raises:
         ValueError: unknown schedule, or ``x0``/``y`` shapes that do not match.
@@ -121,15 +133,16 @@ def flow_matching_loss(
             f"expected x0 (B, C, H, W) and y (B,), got x0 {tuple(x0.shape)} and y {tuple(y.shape)}"
         )
     batch = x0.shape[0]
+    rows = slice(rank * batch, (rank + 1) * batch)
     draw_device = generator.device if generator is not None else x0.device
-    t = sample_time(batch, schedule, generator, loc, scale, device=x0.device)
-    noise = torch.randn(x0.shape, generator=generator, device=draw_device).to(x0)
-    drop_prob = getattr(model, "class_dropout_prob", 0.0)
+    t = sample_time(batch * world_size, schedule, generator, loc, scale, device=x0.device)[rows]
+    shape = (batch * world_size, *x0.shape[1:])
+    noise = torch.randn(shape, generator=generator, device=draw_device)[rows].to(x0)
+    drop_prob = getattr(_unwrapped(model), "class_dropout_prob", 0.0)
     force_drop_ids = None
     if model.training and drop_prob > 0:
-        force_drop_ids = (
-            torch.rand(batch, generator=generator, device=draw_device) < drop_prob
-        ).to(x0.device)
+        drops = torch.rand(batch * world_size, generator=generator, device=draw_device)[rows]
+        force_drop_ids = (drops < drop_prob).to(x0.device)
     x_t = interpolate(x0, noise, t)
     pred = model(x_t, t, y, force_drop_ids=force_drop_ids)
     return F.mse_loss(pred.float(), (noise - x0).float())

@@ -25,27 +25,46 @@ import sys
 from pathlib import Path
 from typing import Any
 
+if __name__ == "__main__":  # the command line checks its flags before the imports below load torch
+    from importlib import import_module
+
+    from tasks.configs.classifier import PRESETS, ClassifierConfig
+    from tasks.training.config import run_cli
+
+    def load():  # this module by its own name: the training loop, and torch
+        return import_module("tasks.train_classifier").train_classifier
+
+    description = "Train an image classifier on a packed dataset."
+    sys.exit(
+        run_cli(
+            ClassifierConfig, PRESETS, load, description, prog="python -m tasks.train_classifier"
+        )
+    )
+
 import torch
 import torch.nn.functional as F
 from torchmetrics.functional.classification import multiclass_accuracy
-from torchvision.transforms import v2
 
 from data.dataset import DatasetRef, load_ref, open_split
-from data.loader import PackedBatches, Split, iter_batches
+from data.loader import Split, iter_batches
 from models.classifier import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Classifier,
 )
 from tasks.configs.classifier import PRESETS, ClassifierConfig
+from tasks.training import checkpoint as ckpt
+from tasks.training import distributed
+from tasks.training.augment import CropFlipJitter
 from tasks.training.budget import TimeBudget
-from tasks.training.config import check_cache, run_cli
+from tasks.training.config import check_cache
+from tasks.training.distributed import mean_across
 from tasks.training.export import (
     plain_state_dict,
     write_export,
 )
 from tasks.training.pretrained import build_classifier
-from tasks.training.resolution import CropSizeSchedule, recalibrate_batchnorm
+from tasks.training.resolution import CropSizeSchedule, recalibrate_batchnorm, standardise
 from tasks.training.resolution import normalise as _normalise
 from tasks.training.run import TrainingRun
 from tasks.training.run_log import Progress
@@ -53,9 +72,11 @@ from tasks.training.runtime import (
     Precision,
     autocast,
     build_adamw,
+    data_parallel,
     maybe_compile,
     pick_device,
     seed_everything,
+    training_batches,
 )
 from tasks.training.schedule import WarmupCosine
 
@@ -64,18 +85,9 @@ NORMALISATION = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
 __all__ = ["PRESETS", "ClassifierConfig", "train_classifier"]  # configs: tasks.configs.classifier
 
 
-def _augmentation(config: ClassifierConfig, size: int) -> v2.Compose:
-    """Per-image training augmentation on (3, H, W) uint8 to (3, size, size); draws from torch's
-    global RNG, whose state the checkpoints carry, so resumed runs augment identically."""
-    steps: list[v2.Transform] = [
-        v2.RandomResizedCrop(size, scale=(config.crop_scale_min, 1.0), antialias=True)
-    ]
-    if config.flip:
-        steps.append(v2.RandomHorizontalFlip())
-    if config.color_jitter > 0:
-        j = config.color_jitter
-        steps.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j))
-    return v2.Compose(steps)
+def _augmentation(config: ClassifierConfig) -> CropFlipJitter:
+    """The training augmentation, batched on the device (`tasks.training.augment`)."""
+    return CropFlipJitter(config.crop_scale_min, config.flip, config.color_jitter)
 
 
 @torch.no_grad()
@@ -148,6 +160,11 @@ def train_classifier(
     device = pick_device(config.device, config.num_threads)
     num_classes = len(ref.classes)
 
+    world_size = distributed.world_size_for(config)
+    if world_size > 1 and not distributed.current().enabled:  # this process launches the ranks
+        return distributed.launch(train_classifier, (config, ref, run_dir), world_size, progress)
+    ranks = distributed.current()
+
     seed_everything(config.seed)
     model = build_classifier(
         config.backbone,
@@ -161,16 +178,25 @@ def train_classifier(
         optimizer, config.lr, config.warmup_steps, config.steps, config.min_lr_ratio
     )
     train_split = open_split(ref, config.image_size, "train")
-    loader = PackedBatches(train_split, config.batch_size, config.seed)
+    loader = training_batches(train_split, config, device, ranks)
     val_split = open_split(ref, config.image_size, "val")
     crop_sizes = CropSizeSchedule(config)
-    parts = {"model": model, "optimizer": optimizer, "loader": loader, "crop_sizes": crop_sizes}
-    run = TrainingRun(config, ref.version, run_dir, budget, schedule, parts, progress, "classifier")
-    run.resume()  # every part from the newest valid checkpoint, if there is one
-    augmentations = {
-        size: _augmentation(config, size) for size in {config.train_size, config.image_size}
+    # Crops, flips and jitter draw from this generator, which the checkpoints carry.
+    generator = torch.Generator(device).manual_seed(config.seed)
+    parts = {
+        "model": model,
+        "optimizer": optimizer,
+        "loader": loader,
+        "crop_sizes": crop_sizes,
+        "generator": ckpt.GeneratorState(generator),
     }
-    train_model = maybe_compile(model, config.compile)
+    run = TrainingRun(
+        config, ref.version, run_dir, budget, schedule, parts, progress, "classifier", ranks
+    )
+    run.resume()  # every part from the newest valid checkpoint, if there is one
+    augment = _augmentation(config)
+    # DDP after the restore: it broadcasts rank 0's weights, which every rank has restored alike.
+    train_model = maybe_compile(data_parallel(model, device, ranks), config.compile)
     model.train()
     eval_every = loader.steps_per_epoch * config.eval_every_epochs
 
@@ -191,14 +217,13 @@ def train_classifier(
         return metrics
 
     while run.active():
-        images, labels = loader.next()
+        images, labels = loader.next()  # this rank's shard, already on the device
         crop_size = crop_sizes.size(run.step, run.total)
         if crop_sizes.switch_step == run.step:
             run.log.write({"kind": "crop_size", "step": run.step, "crop_size": crop_size})
-        augment = augmentations[crop_size]
-        images = torch.stack([augment(image) for image in images])
-        x = _normalise(images, device)
-        labels = labels.to(device, non_blocking=True)
+        # Drawn for the global batch, applied to this rank's shard: any world size augments alike.
+        params = augment.draw(config.batch_size, *images.shape[2:], generator)
+        x = standardise(augment.apply(images, ranks.shard(params), crop_size))
         lr = run.lr()
         with autocast(device, config.precision):
             logits = train_model(x)
@@ -208,11 +233,13 @@ def train_classifier(
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
 
-        run.step_done(loss, lr)
+        run.step_done(mean_across(loss, ranks), lr)
         if run.evaluation_due(eval_every):
             run.evaluate(lambda: validate(test_model()))
         run.maybe_save()
     run.end_training()
+    if not ranks.is_main:
+        return {}
 
     final_model = test_model()
     final_eval = validate(final_model)
@@ -232,17 +259,3 @@ def train_classifier(
     }
     files = write_export(run_dir, plain_state_dict(final_model), export_config)
     return run.result(files, final_eval)
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run_cli(
-        ClassifierConfig,
-        PRESETS,
-        train_classifier,
-        "Train an image classifier on a packed dataset.",
-        argv,
-    )
-
-
-if __name__ == "__main__":
-    sys.exit(main())

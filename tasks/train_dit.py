@@ -22,19 +22,32 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+if __name__ == "__main__":  # the command line checks its flags before the imports below load torch
+    from importlib import import_module
+
+    from tasks.configs.dit import PRESETS, DiTConfig
+    from tasks.training.config import run_cli
+
+    def load():  # this module by its own name: the training loop, and torch
+        return import_module("tasks.train_dit").train_dit
+
+    description = "Train a class-conditional DiT with flow matching."
+    sys.exit(run_cli(DiTConfig, PRESETS, load, description, prog="python -m tasks.train_dit"))
+
 import torch
 from torchvision.utils import save_image
 
 from data.dataset import DatasetRef, load_ref, open_split
-from data.loader import PackedBatches
 from models.dit import DiT
 from models.flow_matching import EMA, flow_matching_loss
 from tasks.configs.dit import PRESETS, DiTConfig
 from tasks.exported import draw
 from tasks.paths import SAMPLES_DIR
 from tasks.training import checkpoint as ckpt
+from tasks.training import distributed
 from tasks.training.budget import TimeBudget
-from tasks.training.config import check_cache, run_cli
+from tasks.training.config import check_cache
+from tasks.training.distributed import mean_across
 from tasks.training.export import (
     plain_state_dict,
     write_export,
@@ -44,10 +57,12 @@ from tasks.training.run_log import Progress
 from tasks.training.runtime import (
     autocast,
     build_adamw,
+    data_parallel,
     maybe_compile,
     pick_device,
     sdpa_backend,
     seed_everything,
+    training_batches,
 )
 from tasks.training.schedule import WarmupCosine
 
@@ -58,12 +73,9 @@ TIME_CONVENTION = "x_t = (1 - t) * x0 + t * noise; t=0 data, t=1 noise; v = nois
 __all__ = ["PRESETS", "DiTConfig", "train_dit"]  # the configs live in tasks.configs.dit
 
 
-def _to_model_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """(B, 3, H, W) uint8 -> float32 in [-1, 1] on `device`."""
-    if device.type == "cuda":
-        images = images.pin_memory()
-    images = images.to(device, non_blocking=True).contiguous()
-    return images.float().div_(127.5).sub_(1.0)
+def _to_model_input(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) uint8 -> float32 in [-1, 1], contiguous (channels-first), on its device."""
+    return images.contiguous().float().div_(127.5).sub_(1.0)
 
 
 def _ema_decay(config: DiTConfig, total_steps: int) -> float:
@@ -124,6 +136,11 @@ def train_dit(
     device = pick_device(config.device, config.num_threads)
     num_classes = len(ref.classes)
 
+    world_size = distributed.world_size_for(config)
+    if world_size > 1 and not distributed.current().enabled:  # this process launches the ranks
+        return distributed.launch(train_dit, (config, ref, run_dir), world_size, progress)
+    ranks = distributed.current()
+
     seed_everything(config.seed)
     model = DiT(**config.architecture(num_classes)).to(device)
     ema = EMA(model, decay=_ema_decay(config, config.steps))
@@ -131,9 +148,7 @@ def train_dit(
     schedule = WarmupCosine(
         optimizer, config.lr, config.warmup_steps, config.steps, config.min_lr_ratio
     )
-    loader = PackedBatches(
-        open_split(ref, config.image_size, "train"), config.batch_size, config.seed
-    )
+    loader = training_batches(open_split(ref, config.image_size, "train"), config, device, ranks)
     # Times, noise, flips and CFG label dropout all draw from this one generator, which the
     # checkpoints carry: that is what makes a resumed run bit-identical.
     generator = torch.Generator(device).manual_seed(config.seed)
@@ -144,37 +159,46 @@ def train_dit(
         "loader": loader,
         "generator": ckpt.GeneratorState(generator),
     }
-    run = TrainingRun(config, ref.version, run_dir, budget, schedule, parts, progress, "dit")
+    run = TrainingRun(config, ref.version, run_dir, budget, schedule, parts, progress, "dit", ranks)
     run.resume()  # every part from the newest valid checkpoint, if there is one
-    train_model = maybe_compile(model, config.compile)
+    # DDP after the restore: it broadcasts rank 0's weights, which every rank has restored alike.
+    train_model = maybe_compile(data_parallel(model, device, ranks), config.compile)
     model.train()
     samples = run_dir / SAMPLES_DIR
 
     while run.active():
-        images, labels = loader.next()
-        x0 = _to_model_input(images, device)
-        labels = labels.to(device, non_blocking=True)
-        if config.flip:
-            flips = torch.rand(x0.shape[0], generator=generator, device=device) < 0.5
-            x0 = torch.where(flips[:, None, None, None], x0.flip(3), x0)
+        images, labels = loader.next()  # this rank's shard, already on the device
+        x0 = _to_model_input(images)
+        if config.flip:  # drawn for the global batch, so any world size flips the same images
+            flips = torch.rand(config.batch_size, generator=generator, device=device) < 0.5
+            x0 = torch.where(ranks.shard(flips)[:, None, None, None], x0.flip(3), x0)
         lr = run.lr()
         with autocast(device, config.precision), sdpa_backend(config.sdpa_backend):
             loss = flow_matching_loss(
-                train_model, x0, labels, config.time_schedule, generator=generator
+                train_model,
+                x0,
+                labels,
+                config.time_schedule,
+                generator,
+                rank=ranks.rank,
+                world_size=ranks.world_size,
             )
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # DDP averages the gradients over the ranks here
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
-        ema.update(model)
+        if ranks.is_main:
+            ema.update(model)
 
-        run.step_done(loss, lr)
+        run.step_done(mean_across(loss, ranks), lr)
         ema.decay = _ema_decay(config, run.total)
         if run.evaluation_due(config.sample_every):
             grid = samples / f"step_{run.step:07d}.png"
             run.evaluate(partial(_save_grid, ema.shadow, config, num_classes, grid))
         run.maybe_save()
     run.end_training()
+    if not ranks.is_main:
+        return {}
 
     final_grid = _save_grid(ema.shadow, config, num_classes, samples / "final.png")
     export_config = {
@@ -195,13 +219,3 @@ def train_dit(
     }
     files = write_export(run_dir, plain_state_dict(ema.shadow), export_config)
     return run.result({**files, "samples": str(final_grid)}, {"ema_decay": ema.decay})
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run_cli(
-        DiTConfig, PRESETS, train_dit, "Train a class-conditional DiT with flow matching.", argv
-    )
-
-
-if __name__ == "__main__":
-    sys.exit(main())

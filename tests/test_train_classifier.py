@@ -131,9 +131,10 @@ def test_smaller_training_crops_are_validated_and_exported_at_the_test_resolutio
         ckpt_every_steps=6,
         eval_batch_size=4096,  # the whole training split in one batch: plain statistics below
     )
-    assert _augmentation(config, config.train_size)(
-        torch.zeros(3, 64, 64, dtype=torch.uint8)
-    ).shape == (3, 32, 32)
+    augment = _augmentation(config)
+    params = augment.draw(2, 64, 64, torch.Generator().manual_seed(0))
+    crops = augment.apply(torch.zeros(2, 3, 64, 64, dtype=torch.uint8), params, config.train_size)
+    assert crops.shape == (2, 3, 32, 32)
     result = train_classifier(config, oxford_mini_species_ref, tmp_path)
     exported = load_classifier(tmp_path)
     assert exported.export_config["image_size"] == 64

@@ -19,6 +19,7 @@ import torch
 from tasks.training import checkpoint as ckpt
 from tasks.training.budget import TimeBudget, initial_total
 from tasks.training.config import RESUMABLE_FIELDS, TrainConfig
+from tasks.training.distributed import Ranks, agree
 from tasks.training.run_log import METRICS, Progress, RunLog
 from tasks.training.schedule import WarmupCosine
 from tasks.training.threads import AdaptiveThreads
@@ -34,6 +35,8 @@ class TrainingRun:
         total: the step count currently planned; fixed without a budget, re-planned every step
             from measured throughput with one.
         resumed_from: the checkpoint step this process started from, or None.
+        ranks: this process's data-parallel rank; rank 0 alone plans, logs, evaluates and saves,
+            and `active()` hands its decisions to the others.
 
     The constructor only records; `resume()` restores the checkpoint, in plain sight in the
     trainer.
@@ -49,8 +52,10 @@ class TrainingRun:
         parts: dict[str, ckpt.Stateful],
         progress: Progress | None,
         desc: str,
+        ranks: Ranks = Ranks(),  # noqa: B008 - frozen dataclass
     ) -> None:
         self.config = config
+        self.ranks = ranks
         self.dataset_version = dataset_version
         self.run_dir = run_dir
         self.budget = budget
@@ -65,7 +70,8 @@ class TrainingRun:
         self.threads = None
         self._threads_before = torch.get_num_threads()
         on_cuda = config.device != "cpu" and torch.cuda.is_available()
-        if budget.enabled and config.adaptive_threads and config.num_threads is None and not on_cuda:
+        adaptive = config.adaptive_threads and config.num_threads is None and not ranks.enabled
+        if budget.enabled and adaptive and not on_cuda:
             self.threads = AdaptiveThreads(torch.get_num_threads())
         self.steps_this_run = 0
         self.last_row: dict[str, Any] | None = None
@@ -90,14 +96,34 @@ class TrainingRun:
         )
         self.schedule.set_total_steps(max(self.total, 1))
         self.log = RunLog(
-            self.run_dir, self.total, self.step, self.progress, config.progress_bar, self.desc
+            self.run_dir,
+            self.total,
+            self.step,
+            self.progress,
+            config.progress_bar,
+            self.desc,
+            writer=self.ranks.is_main,
         )
         self._t_train = time.monotonic()
         return self
 
     def active(self) -> bool:
-        """Whether to run another step: steps remain and the budget allows one more."""
-        return self.step < self.total and not self.budget.out_of_time(self.step)
+        """Whether to run another step: steps remain and the budget allows one more. With data
+        parallelism rank 0 decides and every rank gets its answer and its plan (a collective:
+        every rank calls this once per step)."""
+        go = self.step < self.total and not self.budget.out_of_time(self.step)
+        go, total = agree(go, self.total, self.ranks)
+        if total != self.total:
+            self._plan(total)
+        return go
+
+    def _plan(self, total: int) -> None:
+        """Adopt `total` planned steps: the LR schedule's length, its warm-up, the bar."""
+        self.total = total
+        self.schedule.set_total_steps(total)
+        # A warm-up sized for a long run would eat a short budget: cap it at a fifth of the plan.
+        self.schedule.warmup_steps = min(self.config.warmup_steps, max(1, total // 5))
+        self.log.set_total(total)
 
     def lr(self) -> float:
         """Set and return the learning rate of the coming update."""
@@ -115,12 +141,8 @@ class TrainingRun:
                 self.log.write(
                     {"kind": "threads", "step": self.step, "threads": chosen[0], "step_s": medians}
                 )
-        if self.budget.enabled:
-            self.total = max(self.step, self.budget.planned_total(self.step))
-            self.schedule.set_total_steps(self.total)
-            # A warm-up sized for a long run would eat a short budget: cap it at a fifth of the plan.
-            self.schedule.warmup_steps = min(self.config.warmup_steps, max(1, self.total // 5))
-            self.log.set_total(self.total)
+        if self.budget.enabled and self.ranks.is_main:
+            self._plan(max(self.step, self.budget.planned_total(self.step)))
         row = self.log.step(
             self.step, loss, lr, self.config.batch_size, self.total, self.config.log_every
         )
@@ -132,7 +154,8 @@ class TrainingRun:
     def evaluation_due(self, every: int) -> bool:
         """Whether to evaluate (sample grid / validation) after this step: every `every` steps,
         and at the budget's probe; never at the last step, which the final evaluation covers."""
-        return (self.step % every == 0 or self._probe) and self.step < self.total
+        due = (self.step % every == 0 or self._probe) and self.step < self.total
+        return due and self.ranks.is_main
 
     def evaluate(self, work: Callable[[], T]) -> T:
         """Run a periodic evaluation, timed for the budget."""
@@ -165,7 +188,8 @@ class TrainingRun:
     def maybe_save(self) -> None:
         """Save when the cadence says so (or for the budget's probe), except at the last step,
         which the final save covers."""
-        if (self.cadence.due(self.step) or self._probe) and self.step < self.total:
+        due = (self.cadence.due(self.step) or self._probe) and self.step < self.total
+        if due and self.ranks.is_main:
             self.save(is_final=False, one_off=self._probe)
 
     def end_training(self) -> None:
@@ -194,6 +218,7 @@ class TrainingRun:
             "budget_finish_s": time.monotonic() - self._t_finish if self._reserve_s else None,
             "budget_spent_s": self.budget.spent_s() if self.budget.enabled else None,
             "threads": torch.get_num_threads(),
+            "world_size": self.ranks.world_size,
         }
         metrics = {**common, **metrics}
         torch.set_num_threads(self._threads_before)  # the caller's setting, after the finishing work

@@ -33,6 +33,8 @@ class RunLog:
         start_step: steps already done (non-zero when resuming); rows past it are discarded.
         progress: optional callable receiving {"step", "total_steps", "loss", "lr", "images_per_s"}.
         bar: show a tqdm progress bar (on stderr).
+        writer: False for the data-parallel ranks other than 0, which keep the accounting (and
+            the non-finite loss check) but write nothing.
     """
 
     def __init__(
@@ -43,12 +45,19 @@ class RunLog:
         progress: Progress | None = None,
         bar: bool = True,
         desc: str = "train",
+        writer: bool = True,
     ) -> None:
         self.path = Path(run_dir) / METRICS
-        self.progress = progress
-        self._truncate_after(start_step)
+        self.writer = writer
+        self.progress = progress if writer else None
+        if writer:
+            self._truncate_after(start_step)
         self._bar = tqdm(
-            total=total_steps, initial=start_step, desc=desc, disable=not bar, dynamic_ncols=True
+            total=total_steps,
+            initial=start_step,
+            desc=desc,
+            disable=not (bar and writer),
+            dynamic_ncols=True,
         )
         self._t0 = time.monotonic()
         self._loss_sum: torch.Tensor | float = 0.0
@@ -70,6 +79,8 @@ class RunLog:
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, row: dict[str, Any]) -> None:
+        if not self.writer:
+            return
         with open(self.path, "a") as fh:
             fh.write(json.dumps(row, sort_keys=True) + "\n")
 
