@@ -10,12 +10,11 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from data.dataset import DatasetSpec, default_data_dir, local_path, read_manifest
-from tasks.adapters import modal_calls as backend
 from tasks.adapters.costs import parse_gpu
 from tasks.adapters.limits import DEFAULT_MAX_QUEUE_MINUTES
+from tasks.configs import MODELS, ModelName, build_config
 from tasks.evaluation.options import EvalOptions
 from tasks.paths import DEFAULT_GPU
-from tasks.train import build_config
 
 
 class TrainingParams(BaseModel):
@@ -77,6 +76,21 @@ class EvaluationParams(EvalOptions):
         return EvalOptions.model_validate(self.model_dump(exclude={"enabled"}, exclude_unset=True))
 
 
+class FlowParameters(BaseModel):
+    """Every parameter of the ``train-cats`` flow, as its signature declares them (names, types,
+    defaults: tests/test_first_contact.py checks that they agree), so that the command line
+    validates a run's parameters as Prefect does, before it imports Prefect."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: DatasetSpec = Field(default_factory=DatasetSpec)
+    models: list[ModelName] = Field(default_factory=lambda: list(MODELS))
+    classifier: TrainingParams = Field(default_factory=TrainingParams)
+    dit: TrainingParams = Field(default_factory=TrainingParams)
+    compute: ComputeParams = Field(default_factory=ComputeParams)
+    evaluation: EvaluationParams = Field(default_factory=EvaluationParams)
+
+
 def plan(
     dataset: DatasetSpec,
     models: list[str],
@@ -88,12 +102,15 @@ def plan(
     """Validate everything before any work: presets, overrides, credentials, source.
 
     Returns the dataset spec extended with every image size the trainings need, and the preset
-    chosen per model. Raises ValueError or ``backend.ModalUnavailableError`` naming the fix.
+    chosen per model. Raises ValueError or ``ModalUnavailableError`` (from
+    ``tasks.adapters.modal_calls``, imported for backend=modal only) naming the fix.
     """
     if not models:
         raise ValueError("models is empty: choose 'classifier', 'dit' or both")
     if compute.backend == "modal":
-        backend.require_modal_credentials()
+        from tasks.adapters import modal_calls  # Prefect and Modal: only when they are needed
+
+        modal_calls.require_modal_credentials()
         if not dataset.source.startswith(("http://", "https://", "/data/")):
             raise ValueError(
                 f"dataset.source {dataset.source!r} is not reachable from a Modal container: "
@@ -102,7 +119,10 @@ def plan(
             )
     default_preset = "gpu" if compute.backend == "modal" else "cpu-small"
     presets = {m: training[m].preset or default_preset for m in models}
-    sizes = {build_config(m, presets[m], training[m].overrides).image_size for m in models}
+    configs = {m: build_config(m, presets[m], training[m].overrides) for m in models}
+    if compute.backend == "modal":
+        _require_even_split(configs, compute.gpu)
+    sizes = {config.image_size for config in configs.values()}
     # Validated again (model_copy would not), so a trained size beyond the spec's bounds is
     # refused here, naming the field, instead of packing a gigantic cache.
     spec = {**dataset.model_dump(), "image_sizes": sorted(sizes | set(dataset.image_sizes))}
@@ -110,6 +130,21 @@ def plan(
     if compute.backend == "local":  # last: the one check that may touch the network (DNS)
         _require_local_source(dataset, check_network)
     return validated, presets
+
+
+def _require_even_split(configs: dict[str, Any], gpu: str) -> None:
+    """With several GPUs a container trains with DDP, one process per GPU, each taking an equal
+    share of the global batch (docs/distributed.md): the batch must split evenly over them."""
+    from tasks.adapters.costs import parse_gpu
+
+    _, count = parse_gpu(gpu)
+    for model, config in configs.items():
+        if config.batch_size % count:
+            raise ValueError(
+                f"{model}.batch_size={config.batch_size} does not split over the {count} GPUs of "
+                f"compute.gpu={gpu!r}: ask for a GPU count that divides it, or override "
+                f"{model}.overrides.batch_size"
+            )
 
 
 def _require_local_source(dataset: DatasetSpec, check_network: bool) -> None:
@@ -123,8 +158,7 @@ def _require_local_source(dataset: DatasetSpec, check_network: bool) -> None:
     elif not local_path(dataset.source).is_file():
         raise ValueError(
             f"dataset.source {dataset.source!r} is not a file ({local_path(dataset.source)}); "
-            "pass an existing archive path, a file:// URL or an http(s):// URL as dataset.source "
-            "(--source on the command line)"
+            "pass an existing archive path, a file:// URL or an http(s):// URL as dataset.source"
         )
 
 
@@ -137,6 +171,5 @@ def _require_resolvable(url: str) -> None:
     except (socket.gaierror, UnicodeError) as exc:
         raise ValueError(
             f"dataset.source host {host!r} does not resolve ({exc.__class__.__name__}: offline, "
-            "or a typo?): pass a reachable URL or a local archive path as dataset.source (--source "
-            "on the command line)"
+            "or a typo?): pass a reachable URL or a local archive path as dataset.source"
         ) from None

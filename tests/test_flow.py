@@ -44,13 +44,8 @@ def test_parameters_render_as_a_form_with_descriptions_and_bounds():
     assert definitions["ComputeParams"]["properties"]["backend"]["enum"] == ["local", "modal"]
 
 
-class _NeverRun:
-    """Stands in for the flow: validates like it, fails the test if called."""
-
-    validate_parameters = staticmethod(train_cats.validate_parameters)
-
-    def __call__(self, **_):
-        pytest.fail("the flow ran despite invalid parameters")
+def _never_run(*_):
+    pytest.fail("the flow ran despite invalid parameters")
 
 
 @pytest.mark.parametrize(
@@ -65,7 +60,7 @@ class _NeverRun:
         (["--params", '{"dit": {"overides": {"steps": 3}}}'], "dit.overides: Extra inputs"),
         (["--gpu", "H100; rm -rf /"], "gpu"),
         (["--source", "ftp://example.org/x.tar"], "unsupported source scheme"),
-        (["--source", "/nonexistent/images.tar.gz"], "dataset.source '/nonexistent/images"),
+        (["--source", "/nonexistent/images.tar.gz"], "--source '/nonexistent/images"),
         (["--source", "http://train-cats-no-such-host.invalid/x.tar.gz"], "does not resolve"),
         (["--params", "[1, 2]"], "--params must be a JSON object"),
         (["--params", '{"bogus": 1}'], "--params must be a JSON object whose keys are flow"),
@@ -81,7 +76,7 @@ class _NeverRun:
 def test_bad_parameters_fail_before_any_work(argv, message, capsys, monkeypatch):
     monkeypatch.delenv("MODAL_TOKEN_ID", raising=False)
     monkeypatch.delenv("MODAL_TOKEN_SECRET", raising=False)
-    monkeypatch.setattr(module, "train_cats", _NeverRun())
+    monkeypatch.setattr(module, "_run", _never_run)
     started = time.monotonic()
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -97,6 +92,17 @@ def test_modal_backend_rejects_a_source_the_container_cannot_read(capsys, monkey
     monkeypatch.setenv("MODAL_TOKEN_SECRET", "as-x")
     assert main(["--backend", "modal", "--source", "/home/me/images.tar.gz", "--dry-run"]) == 2
     assert "modal volume put train-cats-data" in capsys.readouterr().err
+
+
+def test_modal_backend_rejects_a_batch_that_does_not_split_over_its_gpus(capsys, monkeypatch):
+    # With H100:3 a container trains with DDP on 3 ranks: the global batch must divide by 3.
+    monkeypatch.setenv("MODAL_TOKEN_ID", "ak-x")
+    monkeypatch.setenv("MODAL_TOKEN_SECRET", "as-x")
+    url = ["--source", "https://example.org/images.tar.gz", "--dry-run", "--models", "dit"]
+    assert main(["--backend", "modal", "--gpu", "H100:3", *url]) == 2
+    err = capsys.readouterr().err
+    assert "does not split over the 3 GPUs" in err and len(err.strip().splitlines()) == 1
+    assert main(["--backend", "modal", "--gpu", "H100:2", *url]) == 0
 
 
 def test_deployment_option_runs_exactly_that_deployments_parameters(capsys):
@@ -159,7 +165,9 @@ def _failing_training(dataset: dict) -> None:
 
 
 _SHOW_STARTUP_TIMEOUT = """
-from flows.cli import STARTUP_TIMEOUT, _patient_temporary_server
+from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as STARTUP_TIMEOUT
+
+from flows.cli import _patient_temporary_server
 with _patient_temporary_server():
     print(STARTUP_TIMEOUT.value())
 """
@@ -168,7 +176,7 @@ with _patient_temporary_server():
 @pytest.mark.parametrize("set_in, expected", [(None, 120), ("environment", 7), ("profile", 7)])
 def test_cli_waits_longer_for_the_temporary_server_unless_told(tmp_path, set_in, expected):
     # A fresh interpreter: Prefect reads the environment and the active profile when imported.
-    name = module.STARTUP_TIMEOUT.name
+    name = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env |= {"PREFECT_HOME": str(tmp_path), "PREFECT_PROFILES_PATH": str(tmp_path / "p.toml")}
     profile = f'{name} = "7"' if set_in == "profile" else ""
