@@ -221,7 +221,7 @@ def _check_name(name: str) -> None:
 def _refuse(name: str, why: str) -> None:
     raise InvalidArchiveError(
         f"unsafe archive member {name!r}: {why}; refusing to extract this archive. "
-        "Use a trusted copy of the data set with --source"
+        "Use a trusted copy of the data set as dataset.source"
     )
 
 
@@ -288,7 +288,7 @@ def _label_folders(names: list[str], labels: str) -> Labelling:
         if not any(f.lower() in CAT_FOLDERS for f in folders):
             raise InvalidArchiveError(
                 f"labels=species needs a folder named Cat or cats; this archive's class folders "
-                f"are {folders}. Use --labels breed to keep the folders as classes"
+                f"are {folders}. Set dataset.labels to breed to keep the folders as classes"
             )
         label_of = {n: CAT if f.lower() in CAT_FOLDERS else OTHER for n, f in label_of.items()}
         return _checked(Labelling("folder", "species", [CAT, OTHER], label_of, skipped))

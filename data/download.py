@@ -55,7 +55,7 @@ from data.dataset import (
     read_manifest,
     sha256_file,
 )
-from data.errors import DatasetError, TransientError
+from data.errors import DATASET_FLAGS, DatasetError, TransientError, in_flags
 from data.fetch import Archive, fetch
 from data.pack import MAX_PIXELS, RESIZE_METHOD, Packed, decode_all, default_workers, pack
 from data.staging import LOCKS_DIR, TRASH_DIR, new_staging, sweep, version_lock
@@ -288,6 +288,7 @@ def _parser() -> argparse.ArgumentParser:
         "--data-dir", type=Path, help=f"Where versions live (default ${DATA_DIR_ENV})."
     )
     parser.add_argument("--workers", type=int, help="Decoding threads (default: one per CPU).")
+    parser.add_argument("--verbose", action="store_true", help="Log a failure's full traceback.")
     return parser
 
 
@@ -328,8 +329,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--workers must be at least 1")
     try:
         ref = ensure(spec, args.data_dir, workers=args.workers)
-    except DatasetError as exc:
-        log.error("%s: %s", type(exc).__name__, exc)
+    except DatasetError as exc:  # one line in this command line's words; --verbose: traceback
+        message = in_flags(str(exc), DATASET_FLAGS)
+        log.error("%s: %s", type(exc).__name__, message, exc_info=exc if args.verbose else None)
         return 75 if isinstance(exc, TransientError) else 1
     print(ref.model_dump_json())
     return 0

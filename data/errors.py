@@ -8,6 +8,19 @@ They split into two families so that callers can choose a retry policy by type a
 
 from __future__ import annotations
 
+import re
+import sys
+import traceback
+from collections.abc import Mapping
+
+# What the data layer's messages call the spec's fields, as a flow deployment's user sets them;
+# each command line prints them as its flags (`in_flags`).
+DATASET_FLAGS = {
+    "dataset.source": "--source",
+    "dataset.checksum": "--checksum",
+    "dataset.labels": "--labels",
+}
+
 
 class DatasetError(Exception):
     """Base class of every error raised by the `data` package."""
@@ -56,13 +69,32 @@ class InvalidArchiveError(PermanentError):
 
 def one_line(exc: Exception) -> str:
     """A pydantic ValidationError as one line, `field: reason; field: reason` (pydantic's own
-    text spans several lines per error); any other exception as its message."""
+    text spans several lines per error); any other exception as its message, lines joined."""
     errors = getattr(exc, "errors", None)
     if not callable(errors):
-        return str(exc)
+        return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
     parts = []
     for error in errors():
         where = ".".join(str(p) for p in error["loc"])
         reason = str(error["msg"]).removeprefix("Value error, ")
         parts.append(f"{where}: {reason}" if where else reason)
     return "; ".join(parts)
+
+
+def in_flags(message: str, flags: Mapping[str, str]) -> str:
+    """`message` in a command line's words: each parameter path that `flags` maps (e.g.
+    ``dataset.source``) replaced by its flag (``--source``). Messages name parameter paths, the
+    words of a deployment run, so that only the command lines translate."""
+    for path, flag in flags.items():
+        message = re.sub(rf"(?<![\w.-]){re.escape(path)}(?!\w)", flag, message)
+    return message
+
+
+def print_error(
+    prefix: str, exc: BaseException, verbose: bool = False, flags: Mapping[str, str] | None = None
+) -> None:
+    """End a command line on `exc`: one line on stderr, `prefix` and the error in the words of
+    `flags`; with `verbose`, the full traceback before it."""
+    if verbose:
+        traceback.print_exception(exc)
+    print(f"{prefix}{in_flags(one_line(exc), flags or {})}", file=sys.stderr)

@@ -57,9 +57,7 @@ READ_TIMEOUT_S = 60.0
 MAX_RESUMES = 5
 CHUNK_BYTES = 1 << 20
 # The way out of a bad archive URL, for the errors that name it.
-SOURCE_HINT = (
-    "pass a reachable URL, a file:// URL or a local path with --source (the flow's dataset.source)"
-)
+SOURCE_HINT = "pass a reachable URL, a file:// URL or a local path as dataset.source"
 
 
 @dataclass(frozen=True)
@@ -100,7 +98,7 @@ def fetch(
     path = local_path(spec.source)
     if not path.is_file():
         what = "is a directory, not an archive file" if path.is_dir() else "does not exist"
-        raise SourceNotFoundError(f"{path} {what} (from --source {spec.source!r})")
+        raise SourceNotFoundError(f"{path} {what} (from dataset.source {spec.source!r})")
     return _verified(path, spec.expected_checksum, _digests(path, spec.expected_checksum))
 
 
@@ -199,7 +197,7 @@ def download_file(
             deleted on any failure, and a cut-off body is an error at once.
         verify: called with the complete temporary file before the rename; whatever it raises
             propagates, and the file is deleted (a wrong body must be neither resumed nor reused).
-        hint: the way out of a bad URL, for the caller's user (say "pass ... with --source");
+        hint: the way out of a bad URL, for the caller's user (say "pass ... as dataset.source");
             appended to the errors about the URL.
 
     Returns:
@@ -372,8 +370,8 @@ def _verified(path: Path, expected: str | None, digests: dict[str, str]) -> Arch
     if digests[algo] != want:
         raise ChecksumMismatchError(
             f"checksum mismatch for {name} ({size} bytes): expected {algo}:{want}, "
-            f"got {algo}:{digests[algo]}. The source changed or is corrupt; fix --source or "
-            "pass the right --checksum"
+            f"got {algo}:{digests[algo]}. The source changed or is corrupt; fix dataset.source "
+            "or pass the right dataset.checksum"
         )
     log.info("checksum ok: %s %s:%s", name, algo, want)
     return Archive(path, size, digests["sha256"], expected, True)

@@ -2,36 +2,36 @@
 
 It runs the flow in this process on a temporary Prefect server. Parameters come from a
 ``prefect.yaml`` deployment (``--deployment``), then ``--params``, then the flags.
+
+Every parameter is checked before Prefect and torch are imported (seconds), so ``--help`` and bad
+input answer in a fraction of a second. Errors end on one line in the words of this command line
+(``--source``, where a deployment run says ``dataset.source``); ``--verbose`` adds tracebacks.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import json
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
-from prefect.exceptions import ParameterTypeError
-from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as STARTUP_TIMEOUT
-from prefect.settings import temporary_settings
 
-from data.dataset import DatasetSpec
-from data.errors import one_line
-from flows.parameters import ComputeParams, EvaluationParams, TrainingParams, plan
-from flows.train_cats import train_cats
-from tasks.adapters import modal_calls as backend
-from tasks.train import MODELS
+from data.errors import DATASET_FLAGS, DatasetError, in_flags, print_error
+from flows.parameters import FlowParameters, plan
+from tasks.configs import MODELS
 
 PREFECT_YAML = Path(__file__).resolve().parents[1] / "prefect.yaml"
 
-FLOW_PARAMETERS = tuple(inspect.signature(train_cats.fn).parameters)
+FLOW_PARAMETERS = tuple(FlowParameters.model_fields)
+# The parameter paths that messages name, as this command line's flags.
+FLAGS = {**DATASET_FLAGS, "compute.backend": "--backend", "compute.gpu": "--gpu"}
 
 
 def deployment_parameters(name: str, path: Path = PREFECT_YAML) -> dict[str, Any]:
@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="validate and print the parameters, run nothing (the source's host is not resolved)",
     )
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="on a failure, print the full traceback (and Prefect's own error logs)",
+    )
     return p
 
 
@@ -119,26 +124,45 @@ def _drop_none(value: Any) -> Any:
     return value
 
 
+class _ForTheCommandLine(logging.Formatter):
+    """Prefect's console lines in this command line's words (flags for parameter paths)."""
+
+    def __init__(self, inner: logging.Formatter | None):
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        return in_flags(self.inner.format(record), FLAGS)
+
+
+def _below_error(record: logging.LogRecord) -> bool:
+    return record.levelno < logging.ERROR
+
+
 @contextlib.contextmanager
-def _quiet(logger: str) -> Iterator[None]:
-    """Silence one logger for the duration (restored after, whatever happens)."""
-    log = logging.getLogger(logger)
-    before, log.disabled = log.disabled, True
+def _console(verbose: bool) -> Iterator[None]:
+    """Prefect's console output during the run. Without ``verbose``, records at ERROR and above
+    (failures, with their tracebacks) stay in the run's logs, which keep them in full, and out of
+    the console: the command line reports the failure itself, on one line."""
+    if verbose:
+        yield
+        return
+    handlers = [
+        h
+        for name in (None, "uvicorn", "fastapi")
+        for h in logging.getLogger(name).handlers
+        if isinstance(h, logging.StreamHandler)
+    ]
+    saved = [(h, h.formatter) for h in handlers]
+    for handler in handlers:
+        handler.addFilter(_below_error)
+        handler.setFormatter(_ForTheCommandLine(handler.formatter))
     try:
         yield
     finally:
-        log.disabled = before
-
-
-def _one_line(exc: Exception) -> str:
-    """Every early error as one line. Prefect lists a parameter's errors one per line under a
-    heading ("Flow run received invalid parameters:\n - field: reason"): join them."""
-    if isinstance(exc, ParameterTypeError):
-        lines = [line.strip().lstrip("- ") for line in str(exc).splitlines()[1:] if line.strip()]
-        return "invalid parameters: " + "; ".join(
-            line.replace("Value error, ", "") for line in lines
-        )
-    return one_line(exc)
+        for handler, formatter in saved:
+            handler.removeFilter(_below_error)
+            handler.setFormatter(formatter)
 
 
 def _patient_temporary_server() -> contextlib.AbstractContextManager:
@@ -146,7 +170,10 @@ def _patient_temporary_server() -> contextlib.AbstractContextManager:
     2-core machine its first start (a fresh database and its migrations) overran 20 s and failed
     the run. Only the default changes, so a PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS set
     in the environment or the active Prefect profile still wins."""
-    return temporary_settings(set_defaults={STARTUP_TIMEOUT: 120})
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as TIMEOUT
+    from prefect.settings import temporary_settings
+
+    return temporary_settings(set_defaults={TIMEOUT: 120})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,33 +184,47 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # The temporary server would otherwise try to send telemetry, which fails offline.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    modal_errors: tuple[type[Exception], ...] = ()
     try:
         params = parameters_from_args(args)
         if args.deployment:  # report history and deltas per deployment, as on a worker
             params.setdefault("evaluation", {}).setdefault("deployment", args.deployment)
-        with _quiet("prefect.flows"):  # it logs the raw errors we print as one line below
-            bound = train_cats.validate_parameters(params)
-        models = sorted(set(bound.get("models", ["classifier", "dit"])))
+        bound = FlowParameters.model_validate(params)
+        if bound.compute.backend == "modal":  # its checks import the Modal adapter (and Prefect)
+            from tasks.adapters.modal_calls import ModalUnavailableError
+
+            modal_errors = (ModalUnavailableError,)
         spec, presets = plan(
-            bound.get("dataset", DatasetSpec()),
-            models,
-            {m: bound.get(m, TrainingParams()) for m in MODELS},
-            bound.get("compute", ComputeParams()),
-            bound.get("evaluation", EvaluationParams()),
+            bound.dataset,
+            sorted(set(bound.models)),
+            {"classifier": bound.classifier, "dit": bound.dit},
+            bound.compute,
+            bound.evaluation,
             check_network=not args.dry_run,
         )
-    except (ValueError, OSError, ParameterTypeError, backend.ModalUnavailableError) as exc:
-        print(f"train-cats: {_one_line(exc)}", file=sys.stderr)
+    # pydantic's ValidationError is a ValueError
+    except (ValueError, OSError, DatasetError, *modal_errors) as exc:
+        print_error("train-cats: error: ", exc, args.verbose, FLAGS)
         return 2
     if args.dry_run:
         resolved = {"dataset": spec.model_dump(mode="json"), "presets": presets}
         print(json.dumps({"parameters": params, "resolved": resolved}, indent=2))
         return 0
+    return _run(params, args.verbose)
+
+
+def _run(params: dict[str, Any], verbose: bool) -> int:
+    """Run the flow on a temporary server; print its summary, or end on the failure's one line
+    (the traceback too for an unexpected error, or with ``verbose``)."""
+    from flows.train_cats import train_cats  # Prefect and torch, now that the parameters are good
+
     try:
-        with _patient_temporary_server():
+        with _patient_temporary_server(), _console(verbose):
             summary = train_cats(**params)
-    except Exception as exc:  # Prefect has logged the traceback; end on the one line that matters
-        print(f"train-cats: the flow run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+    except Exception as exc:
+        if not verbose and not isinstance(exc, DatasetError):  # a bug, not a data problem
+            traceback.print_exception(exc)
+        print_error(f"train-cats: the flow run failed: {type(exc).__name__}: ", exc, False, FLAGS)
         return 1
     print(json.dumps(summary, indent=2, default=str))
     return 0

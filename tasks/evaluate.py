@@ -12,13 +12,11 @@ that gives each report its deltas against the previous one: `history.py`. The ou
 staged next to `out` and renamed into place when complete. The Prefect adapter publishes the
 report as artifacts (`tasks/adapters/artifacts.py`); this function knows nothing of Prefect.
 
-Command line: `python -m tasks.evaluate --help`.
+Command line: `python -m tasks.evaluate --help` (`tasks/evaluation/cli.py`).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -26,11 +24,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+if __name__ == "__main__":  # the command line checks its flags before the imports below load torch
+    from importlib import import_module
+
+    from tasks.evaluation.cli import run_cli
+
+    def load():  # this module by its own name: the evaluation, and torch
+        return import_module("tasks.evaluate").evaluate
+
+    sys.exit(run_cli(load))
+
 from data.dataset import DatasetRef, load_ref
-from data.errors import DatasetError
 from tasks.evaluation import history
 from tasks.evaluation.compute import compute_report, dataset_identity, other_version_notes
-from tasks.evaluation.options import EvalOptions, add_flags, from_args, validated
+from tasks.evaluation.options import EvalOptions, validated
 from tasks.evaluation.report import (
     REPORT_JSON,
     REPORT_MD,
@@ -177,47 +184,3 @@ def _previous(opts: EvalOptions, deployment: str, out: Path, ref: DatasetRef) ->
     if not path.is_file():
         raise FileNotFoundError(f"previous report {path} not found")
     return path
-
-
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m tasks.evaluate",
-        description="Evaluate an exported classifier and/or DiT on the dataset's held-out split; "
-        "write report.json, report.md and pictures into --out. The last stdout line is a JSON "
-        "summary.",
-    )
-    p.add_argument(
-        "--dataset", required=True, help="DatasetRef JSON, reference.json or version folder"
-    )
-    p.add_argument("--classifier", help="classifier run dir (model.safetensors + config.json)")
-    p.add_argument("--dit", help="DiT run dir (model.safetensors + config.json)")
-    p.add_argument(
-        "--out", help="report folder (default $TRAIN_CATS_RUNS_DIR/reports/<deployment>/<time>)"
-    )
-    add_flags(p.add_argument_group("options (tasks.evaluation.options.EvalOptions)"))
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m tasks.evaluate``: bad input exits 2 with one line naming it."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        summary = evaluate(args.dataset, args.classifier, args.dit, args.out, from_args(args))
-    except (ValueError, FileNotFoundError, FileExistsError, DatasetError) as exc:
-        parser.error(str(exc))
-    for name, value in summary["metrics"].items():
-        print(f"{name:45s} {value:.4g}", file=sys.stderr)
-    for name, reason in summary["not_computed"].items():
-        print(f"{name:45s} not computed: {reason}", file=sys.stderr)
-    print(json.dumps(summary))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -41,7 +41,7 @@ def test_a_file_url_source_is_read_in_place_and_verified(oxford_tar, tmp_path):
 
 
 def test_missing_local_file_is_permanent(tmp_path):
-    with pytest.raises(SourceNotFoundError, match=r"does not exist .*--source"):
+    with pytest.raises(SourceNotFoundError, match=r"does not exist .*dataset\.source"):
         ensure(DatasetSpec(source=str(tmp_path / "nope.tar.gz")), tmp_path / "data", workers=1)
     with pytest.raises(SourceNotFoundError, match="is a directory, not an archive file"):
         ensure(DatasetSpec(source=str(tmp_path)), tmp_path / "data", workers=1)

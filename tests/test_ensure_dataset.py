@@ -120,4 +120,4 @@ def test_an_unknown_host_fails_at_once_without_retries(tmp_path):
     with pytest.raises(HostNotFoundError) as caught:
         state.result()
     message = str(caught.value)
-    assert "train-cats-no-such-host.invalid" in message and "--source" in message
+    assert "train-cats-no-such-host.invalid" in message and "dataset.source" in message

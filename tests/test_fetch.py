@@ -124,7 +124,7 @@ def test_unreachable_host_fails_fast_naming_host_and_option(tmp_path):
     with pytest.raises(SourceUnreachableError) as caught:
         ensure(spec, tmp_path / "data", workers=1)
     assert time.monotonic() - started < 30
-    assert f"127.0.0.1:{port}" in str(caught.value) and "--source" in str(caught.value)
+    assert f"127.0.0.1:{port}" in str(caught.value) and "dataset.source" in str(caught.value)
 
 
 def test_a_silent_server_times_out_as_transient(http_server, oxford_tar, tmp_path):

@@ -107,14 +107,24 @@ def _create_markdown(
 
 def flow_failure_artifact(flow: Any, flow_run: Any, state: Any) -> None:
     """The flow's ``on_failure`` hook: a markdown artifact on the failed flow run with its error,
-    so that a run that failed before any task (invalid parameters, an unreachable source) shows
-    why in the UI as a failed task does."""
+    so that a run that failed before any task shows why in the UI as a failed task does: invalid
+    parameters (Prefect's own validation, before the flow body runs, calls this hook too), an
+    unreachable source."""
     markdown = (
-        f"## {flow.name} failed\n\n**Flow run:** `{flow_run.name}`\n\n**Error:** {state.message}"
+        f"## {flow.name} failed\n\n**Flow run:** `{flow_run.name}`\n\n"
+        f"**Error:** {_one_line(state.message)}"
         "\n\nFix the parameter it names (Run → Parameters in the UI, or `--params` / the flags"
         " of `train-cats`) and run again."
     )
     _create_markdown(f"failure-{flow.name}", markdown, f"{flow.name} failed", flow_run.id)
+
+
+def _one_line(message: str | None) -> str:
+    """A state's message on one line. Prefect lists invalid parameters one per line under a
+    heading ("...invalid parameters:\n - dataset.checksum: Value error, reason"): join them."""
+    head, *items = [line.strip() for line in (message or "").splitlines() if line.strip()] or [""]
+    reasons = [item.removeprefix("- ").replace("Value error, ", "") for item in items]
+    return " ".join([head, "; ".join(reasons)]) if reasons else head
 
 
 class ProgressArtifact:

@@ -1,15 +1,26 @@
 """The classifier training config (`ClassifierConfig`) and its named presets (`PRESETS`).
 
 Kept apart from the training loop (`tasks.train_classifier`) so that the command lines, the flow's
-parameter checks and the deployments can read and validate a config without building a model.
+parameter checks and the deployments can read and validate a config without building a model,
+and without importing torch (seconds): the backbone names are plain data here.
 """
 
 from __future__ import annotations
 
 from pydantic import Field, field_validator, model_validator
 
-from models.classifier import BACKBONES, require_imagenet_weights
 from tasks.training.config import TrainConfig
+
+# `models.classifier.BACKBONES` as plain data: name -> whether torchvision publishes ImageNet
+# weights for it; tests/test_first_contact.py checks that the two tables agree.
+BACKBONES: dict[str, bool] = {
+    "resnet8": False,
+    "resnet10": False,
+    "resnet18": True,
+    "resnet34": True,
+    "resnet50": True,
+    "mobilenet_v3_small": True,
+}
 
 
 class ClassifierConfig(TrainConfig):
@@ -71,8 +82,12 @@ class ClassifierConfig(TrainConfig):
 
     @model_validator(mode="after")
     def _weights_exist(self) -> ClassifierConfig:
-        if self.pretrained:
-            require_imagenet_weights(self.backbone)
+        if self.pretrained and not BACKBONES[self.backbone]:
+            having = ", ".join(name for name, weights in BACKBONES.items() if weights)
+            raise ValueError(
+                f"backbone {self.backbone!r} has no published ImageNet weights: train it from "
+                f"scratch (pretrained=False) or pick a backbone that has them: {having}"
+            )
         return self
 
 

@@ -1,25 +1,42 @@
 """The DiT training config (`DiTConfig`) and its named presets (`PRESETS`).
 
 Kept apart from the training loop (`tasks.train_dit`) so that the command lines, the flow's
-parameter checks and the deployments can read and validate a config without building a model.
+parameter checks and the deployments can read and validate a config without building a model,
+and without importing torch (seconds): the named architectures are plain data here.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-import torch
 from pydantic import Field, model_validator
 
-from models.dit import DIT_CONFIGS, dit_from_config
 from tasks.training.config import TrainConfig
+
+# `models.dit.DIT_CONFIGS` as plain data, the ARCH_FIELDS per name, so that a config is checked
+# without torch; tests/test_first_contact.py checks that the two tables agree.
+ARCH_FIELDS = ("depth", "hidden_size", "num_heads", "patch_size")
+ARCHS: dict[str, tuple[int, int, int, int]] = {
+    "DiT-B/2": (12, 768, 12, 2),
+    "DiT-B/4": (12, 768, 12, 4),
+    "DiT-B/8": (12, 768, 12, 8),
+    "DiT-S/2": (12, 384, 6, 2),
+    "DiT-S/4": (12, 384, 6, 4),
+    "DiT-S/8": (12, 384, 6, 8),
+    "DiT-Ti/2": (6, 192, 3, 2),
+    "DiT-Ti/4": (6, 192, 3, 4),
+    "DiT-Ti/8": (6, 192, 3, 8),
+    "DiT-Nano/2": (2, 64, 4, 2),
+    "DiT-Nano/4": (2, 64, 4, 4),
+}
 
 
 class DiTConfig(TrainConfig):
     """Everything that defines a DiT training run (see `TrainConfig` for the shared fields).
 
-    The architecture is a named `models.dit.DIT_CONFIGS` entry (`arch`) with optional overrides of
-    its width, depth, heads and patch size; `image_size` is the DiT's input size.
+    The architecture is a named `models.dit.DIT_CONFIGS` entry (`arch`, one of `ARCHS`) with
+    optional overrides of its width, depth, heads and patch size; `image_size` is the DiT's input
+    size.
     """
 
     arch: str = Field("DiT-Nano/4", description="named DiT config, e.g. DiT-Ti/4, DiT-S/4")
@@ -53,40 +70,49 @@ class DiTConfig(TrainConfig):
 
     @model_validator(mode="after")
     def _architecture_fits(self) -> DiTConfig:
-        if self.arch not in DIT_CONFIGS:
-            raise ValueError(f"arch={self.arch!r} is unknown; choose one of {sorted(DIT_CONFIGS)}")
+        # The sizes `models.dit.DiT` accepts, in the user's words (image_size, not input_size).
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch={self.arch!r} is unknown; choose one of {sorted(ARCHS)}")
         if self.cfg_scale != 1.0 and self.class_dropout_prob == 0:
             raise ValueError("cfg_scale != 1 needs class_dropout_prob > 0 (a trained null class)")
-        try:
-            self.architecture(num_classes=1)
-        except (
-            ValueError
-        ) as exc:  # the model's words are input_size; the user's field is image_size
-            raise ValueError(str(exc).replace("input_size", "image_size")) from None
+        arch = self.architecture(num_classes=1)
+        patch, width, heads = arch["patch_size"], arch["hidden_size"], arch["num_heads"]
+        if self.image_size % patch:
+            raise ValueError(
+                f"patch_size={patch} must divide image_size={self.image_size}; choose an image "
+                f"size that is a multiple of the patch size (e.g. {patch * 8})"
+            )
+        if width % heads:
+            raise ValueError(
+                f"hidden_size={width} must be divisible by num_heads={heads}; change one of them"
+            )
+        if width % 4:
+            raise ValueError(
+                f"hidden_size={width} must be a multiple of 4 for the 2-D sin-cos position "
+                "embedding"
+            )
         return self
 
     def architecture(self, num_classes: int) -> dict[str, Any]:
-        """The `DiT(**kwargs)` arguments for `num_classes` classes (built on the meta device,
-        so checking costs no memory). Raises ValueError from `DiT` for sizes that do not fit."""
-        overrides = {
-            name: value
-            for name in ("hidden_size", "depth", "num_heads", "patch_size")
-            if (value := getattr(self, name)) is not None
-        }
-        with torch.device("meta"):
-            model = dit_from_config(
-                self.arch,
-                input_size=self.image_size,
-                num_classes=num_classes,
-                mlp_ratio=self.mlp_ratio,
-                qk_norm=self.qk_norm,
-                stem_channels=self.stem_channels,
-                long_skip=self.long_skip,
-                final_conv=self.final_conv,
-                class_dropout_prob=self.class_dropout_prob,
-                **overrides,
-            )
-        return dict(model.config)
+        """The `DiT(**kwargs)` arguments for `num_classes` classes: the named arch's sizes with
+        this config's overrides (the same dict as the built model's `config`)."""
+        named = dict(zip(ARCH_FIELDS, ARCHS[self.arch], strict=True))
+        sizes = {k: v if (v := getattr(self, k)) is not None else named[k] for k in ARCH_FIELDS}
+        return dict(
+            input_size=self.image_size,
+            patch_size=sizes["patch_size"],
+            in_channels=3,
+            hidden_size=sizes["hidden_size"],
+            depth=sizes["depth"],
+            num_heads=sizes["num_heads"],
+            mlp_ratio=self.mlp_ratio,
+            num_classes=num_classes,
+            class_dropout_prob=self.class_dropout_prob,
+            qk_norm=self.qk_norm,
+            stem_channels=self.stem_channels,
+            long_skip=self.long_skip,
+            final_conv=self.final_conv,
+        )
 
 
 PRESETS: dict[str, DiTConfig] = {

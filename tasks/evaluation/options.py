@@ -14,8 +14,11 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from data.errors import one_line
-from models.flow_matching import SAMPLERS
 from tasks.training.config import scalar_type
+
+# `models.flow_matching.SAMPLERS`, as plain data so that the options are checked without importing
+# torch; tests/test_first_contact.py checks that they agree.
+SAMPLERS = ("euler", "heun")
 
 
 class EvalOptions(BaseModel):

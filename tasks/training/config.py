@@ -18,7 +18,8 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from data.errors import DatasetError, one_line
+from data.dataset import load_ref
+from data.errors import DatasetError, print_error
 
 # Changing one of these on resume is allowed. `steps` and `time_budget_minutes` re-plan the LR
 # schedule from the resume point (so a run that changes them is no longer bit-identical to an
@@ -136,10 +137,17 @@ def scalar_type(annotation: Any) -> Any:
 
 
 def build_parser(
-    config_cls: type[TrainConfig], presets: dict[str, TrainConfig], description: str
+    config_cls: type[TrainConfig],
+    presets: dict[str, TrainConfig],
+    description: str,
+    prog: str | None = None,
 ) -> argparse.ArgumentParser:
     """A parser with --dataset/--run-dir/--preset and one `--field-name` override per config field."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        usage="%(prog)s --dataset REF --run-dir DIR [--preset NAME] [--FIELD VALUE ...] [--verbose]",
+    )
     parser.add_argument(
         "--dataset",
         required=True,
@@ -150,6 +158,7 @@ def build_parser(
         "--run-dir", required=True, help="run directory (resumed if it has checkpoints)"
     )
     parser.add_argument("--preset", choices=sorted(presets), default="cpu-tiny")
+    parser.add_argument("--verbose", action="store_true", help="print a failure's full traceback")
     overrides = parser.add_argument_group("config overrides (default: the preset's value)")
     for name, field in config_cls.model_fields.items():
         flag = "--" + name.replace("_", "-")
@@ -199,23 +208,29 @@ def check_cache(config: TrainConfig, ref: Any) -> None:
 def run_cli(
     config_cls: type[ConfigT],
     presets: dict[str, ConfigT],
-    train: Callable[[ConfigT, str, str], dict[str, Any]],
+    load_train: Callable[[], Callable[[ConfigT, Any, str], dict[str, Any]]],
     description: str,
+    prog: str,
     argv: list[str] | None = None,
 ) -> int:
     """Parse flags, train, and print the result as one JSON line (the last line of stdout, so
     callers can parse it).
 
-    Bad input (flags, config, dataset, a run dir holding another config) exits with status 2 and
-    one line naming the problem; other failures raise with their traceback.
+    The flags, the config and the dataset reference are checked first, in a fraction of a
+    second; only then does `load_train()` import the training function (and torch). Bad input
+    (flags, config, dataset, a run dir holding another config) and data errors exit with status 2
+    and one line naming the problem (`--verbose`: with the traceback); other failures raise.
     """
-    parser = build_parser(config_cls, presets, description)
+    parser = build_parser(config_cls, presets, description, prog)
     args = parser.parse_args(argv)
     try:
         config = config_from_args(config_cls, presets, args)
-        result = train(config, args.dataset, args.run_dir)
+        ref = load_ref(args.dataset)
+        check_cache(config, ref)
+        result = load_train()(config, ref, args.run_dir)
     # pydantic's ValidationError is a ValueError; FileExistsError: a run dir that is a file.
     except (ValueError, FileExistsError, DatasetError) as exc:
-        parser.error(one_line(exc))
+        print_error(f"{parser.prog}: error: ", exc, args.verbose)
+        return 2
     print(json.dumps(result, sort_keys=True))
     return 0
