@@ -7,7 +7,13 @@ in-process on a temporary Prefect server with ``python -m flows.train_cats`` / `
 
 from __future__ import annotations
 
+import sys
 from typing import Literal
+
+if __name__ == "__main__":  # the command line answers --help and bad flags before Prefect loads
+    from flows.cli import main
+
+    sys.exit(main())
 
 from prefect import flow
 
@@ -88,10 +94,3 @@ def train_cats(
         "report": report,
     }
 
-
-if __name__ == "__main__":
-    import sys
-
-    from flows.cli import main
-
-    sys.exit(main())

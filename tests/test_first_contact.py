@@ -76,7 +76,7 @@ def _fast(args: list[str]) -> Ran:
     return first
 
 
-@pytest.mark.parametrize("cli", [FLOW_CLI, DOWNLOAD, TRAIN_DIT, TRAIN_CLASSIFIER, EVALUATE])
+@pytest.mark.parametrize("cli", [FLOW, FLOW_CLI, DOWNLOAD, TRAIN_DIT, TRAIN_CLASSIFIER, EVALUATE])
 def test_help_is_fast_and_imports_neither_torch_nor_prefect(cli):
     ran = _fast([*cli, "--help"])
     assert ran.status == 0 and "--verbose" in ran.stdout
@@ -86,6 +86,7 @@ def test_help_is_fast_and_imports_neither_torch_nor_prefect(cli):
     ("cli", "status", "expected"),
     [
         ([*FLOW_CLI, "--source", "/nonexistent/images.tar.gz"], 2, "--source '/nonexistent"),
+        ([*FLOW, "--source", "/nonexistent/images.tar.gz"], 2, "--source '/nonexistent"),
         ([*FLOW_CLI, "--source", "http://train-cats-no-such-host.invalid/x.tgz"], 2, "--source"),
         ([*FLOW_CLI, "--checksum", "md5:xyz"], 2, "--checksum: checksum 'md5:xyz' is not ALGO:HEX"),
         ([*FLOW_CLI, "--params", '{"dit": {"overrides": {"patch_size": 5}}}'], 2,
