@@ -14,12 +14,14 @@ from models.classifier import Classifier, build_classifier
 from models.dit import DiT
 from models.flow_matching import SAMPLERS
 from models.flow_matching import sample as integrate
+from tasks.champions import resolve
 from tasks.training.export import load_weights, read_export, require_consistent
 from tasks.training.runtime import autocast
 
 
 def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Classifier:
-    """Rebuild the exported classifier from `model.safetensors` + `config.json` in `path`.
+    """Rebuild the exported classifier from `model.safetensors` + `config.json` in `path`
+    (a folder, or `"champion:<deployment>"` for that deployment's champion, `tasks.champions`).
 
     Returns an `eval()` model on `device` (no download: the weights come from the export) with
     `classes` (list[str]) and `export_config` (dict) attributes. Its input is (B, 3, S, S) float
@@ -28,6 +30,7 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Cla
     `test_time_flip` that is not a boolean, or an `image_size` / `test_time_flip` that contradicts
     the export's `train_config`.
     """
+    path = resolve(path, "classifier")
     weights, config = read_export(path, "classifier")
     # Exports from before the field existed predicted on the single view.
     test_time_flip = config.get("test_time_flip", False)
@@ -74,11 +77,14 @@ def draw(
 
 
 def load_dit(path: str | Path, device: str | torch.device = "cpu") -> DiT:
-    """Rebuild the exported DiT from `model.safetensors` + `config.json` in `path`.
+    """Rebuild the exported DiT from `model.safetensors` + `config.json` in `path` (a folder, or
+    `"champion:<deployment>"` for that deployment's champion, `tasks.champions`).
 
     Returns an `eval()` model on `device` with `classes` (list[str]) and `export_config` (dict)
-    attributes. Raises FileNotFoundError / ValueError as `tasks.training.export.read_export`.
+    attributes. Raises FileNotFoundError / ValueError as `tasks.training.export.read_export`, and
+    FileNotFoundError for a deployment without a champion.
     """
+    path = resolve(path, "dit")
     weights, config = read_export(path, "dit")
     arch = config["arch"]
     require_consistent(

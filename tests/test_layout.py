@@ -15,6 +15,7 @@ RANKS = {
     "data": 0,
     "models": 1,
     "tasks.paths": 2,
+    "tasks.champions": 2,
     "tasks.training": 3,
     "tasks.exported": 4,
     "tasks.configs": 4,
