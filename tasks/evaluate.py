@@ -65,7 +65,9 @@ def evaluate(
 
     Args:
         dataset: a DatasetRef, its JSON, or a path to a reference.json/manifest.json/version folder.
-        classifier, dit: export folders (`model.safetensors` + `config.json`); at least one.
+        classifier, dit: export folders (`model.safetensors` + `config.json`); at least one. With
+            both, the classifier judges the DiT (report.md names it); its classes may be a
+            superset of the dataset's (`_check_exports`).
         out: the report folder (must not exist unless `overwrite`); default
             `$TRAIN_CATS_RUNS_DIR/reports/<deployment>/<UTC stamp>`.
         options: `EvalOptions` (sampling, metrics, history, device); `overrides` are fields of
@@ -76,8 +78,9 @@ def evaluate(
         "metrics", "not_computed", "regressions"}.
 
     Raises:
-        ValueError: no model given, bad options, class names that do not match the dataset, or a
-            missing cache size; FileNotFoundError: an incomplete export or a missing `previous`;
+        ValueError: no model given, bad options, a DiT with classes the dataset lacks, a
+            classifier whose classes do not cover the dataset's and the DiT's, or a missing
+            cache size; FileNotFoundError: an incomplete export or a missing `previous`;
             FileExistsError: `out` exists. All before any model runs.
     """
     opts = validated(options, **overrides)
@@ -149,30 +152,52 @@ def evaluate_runs(
 def _check_exports(
     ref: DatasetRef, classifier: str | Path | None, dit: str | Path | None
 ) -> tuple[Export | None, Export | None]:
-    """Read both exports' configs and check them against the dataset, before any model runs."""
+    """Read both exports' configs and check them against the dataset, before any model runs.
+
+    The DiT's classes must be the dataset's (or some of them), with a cache at its size. The
+    classifier's must cover the dataset's and the DiT's, by name: it may have more, as the
+    `classifier` deployment's champion (12 breeds and `other`) judging the `dit` deployment's
+    DiT (12 breeds). A judge trained at a size the dataset has no cache for still judges (the
+    samples are resized to its size); only its own accuracy there is not computed.
+    """
     clf_export = read_export_config(classifier, "classifier") if classifier is not None else None
     dit_export = read_export_config(dit, "dit") if dit is not None else None
-    for export in (clf_export, dit_export):
-        if export is None:
-            continue
-        folder, config = export
+    if dit_export is not None:
+        folder, config = dit_export
         unknown = sorted(set(config["classes"]) - set(ref.classes))
         if unknown:
             raise ValueError(
                 f"{folder} was trained on classes {unknown} that dataset {ref.version} lacks; "
                 "evaluate it on the dataset it was trained on"
             )
-        if int(config["image_size"]) not in ref.caches:
+        _check_cache(ref, folder, config)
+    if clf_export is not None:
+        folder, config = clf_export
+        if dit_export is not None:
+            missing = [name for name in dit_export[1]["classes"] if name not in config["classes"]]
+            if missing:
+                raise ValueError(
+                    f"the classifier {folder} cannot judge the DiT {dit_export[0]}: it lacks the "
+                    f"DiT's classes {missing} (it has {config['classes']}); pass one whose "
+                    "classes cover the DiT's, such as the `classifier` deployment's champion"
+                )
+        missing = [name for name in ref.classes if name not in config["classes"]]
+        if missing:
             raise ValueError(
-                f"dataset {ref.version} has no {config['image_size']} px cache for {folder}; "
-                f"it has {sorted(ref.caches)}"
+                f"the classifier {folder} lacks the classes {missing} of dataset {ref.version} "
+                f"(it has {config['classes']}); evaluate it on the dataset it was trained on"
             )
-    if clf_export and clf_export[1]["classes"] != ref.classes:
-        raise ValueError(
-            f"the classifier's classes {clf_export[1]['classes']} differ from the dataset's "
-            f"{ref.classes}; evaluate it on the dataset it was trained on"
-        )
+        if dit_export is None:  # a judge may be of another size; a classifier alone may not
+            _check_cache(ref, folder, config)
     return clf_export, dit_export
+
+
+def _check_cache(ref: DatasetRef, folder: Path, config: dict[str, Any]) -> None:
+    if int(config["image_size"]) not in ref.caches:
+        raise ValueError(
+            f"dataset {ref.version} has no {config['image_size']} px cache for {folder}; "
+            f"it has {sorted(ref.caches)}"
+        )
 
 
 def _previous(opts: EvalOptions, deployment: str, out: Path, ref: DatasetRef) -> Path | None:

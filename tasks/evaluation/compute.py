@@ -50,6 +50,10 @@ GENERATOR_KEYS = (
     "generator.inception_fid",
     "generator.inception_kid",
 )
+# Where a judge comes from: the `classifier` deployment's champion (tasks.champions.find_judge).
+GET_A_JUDGE = (
+    "run `prefect deployment run train-cats/classifier` once (its champion judges later dit runs)"
+)
 
 
 def compute_report(
@@ -65,6 +69,7 @@ def compute_report(
     if clf_export is not None:
         report.classifier = identity(*clf_export)
         clf = ClassifierUnderTest.load(*clf_export, torch_device(opts))
+        report.notes += _judge_notes(ref, clf, clf_export[0], dit_export is not None)
         _add_classifier_metrics(report, ref, clf, stage, opts)
     else:
         report.not_computed["classifier.*"] = "no classifier given"
@@ -87,9 +92,8 @@ def compute_report(
         _add_feature_metrics(report, clf, fake, class_names, real, partners, opts)
         _add_accuracy_at_dit_size(report, ref, clf, opts)
     else:
-        report.not_computed.update(
-            dict.fromkeys(GENERATOR_KEYS[:5], "no classifier given (its features are the space)")
-        )
+        reason = f"no classifier given (its features are the space); to get a judge, {GET_A_JUDGE}"
+        report.not_computed.update(dict.fromkeys(GENERATOR_KEYS[:5], reason))
     _add_inception_metrics(report, real, fake[partners], opts)
 
 
@@ -105,21 +109,46 @@ def dataset_identity(ref: DatasetRef) -> DatasetIdentity:
     )
 
 
+def _judge_notes(
+    ref: DatasetRef, clf: ClassifierUnderTest, folder: Path, judges: bool
+) -> list[str]:
+    """Which classifier judged the DiT, and what its extra classes mean for the figures."""
+    notes = []
+    if judges:
+        notes.append(f"judged by {folder}: its predictions and features give the generator metrics")
+    extra = [name for name in clf.classes if name not in ref.classes]
+    if extra:
+        notes.append(
+            f"the classifier has classes the dataset lacks ({', '.join(extra)}): labels map to its "
+            "classes by name, and a prediction of one of these counts as wrong in every accuracy"
+        )
+    return notes
+
+
 def _add_classifier_metrics(
     report: Report, ref: DatasetRef, clf: ClassifierUnderTest, stage: Path, opts: EvalOptions
 ) -> None:
+    if clf.image_size not in ref.caches:  # a judge trained at another size than the dataset's
+        report.not_computed["classifier.*"] = (
+            f"dataset {ref.version} has no {clf.image_size} px cache (the classifier's size; it "
+            f"has {sorted(ref.caches)}): see classifier.accuracy_at_dit_size"
+        )
+        return
     images, labels = split_images(ref, clf.image_size)
-    result = classifier_metrics(clf, images, labels, opts.batch_size)
+    result = classifier_metrics(clf, images, labels, opts.batch_size, ref.classes)
     report.metrics["classifier.accuracy"] = result["accuracy"]
     report.metrics["classifier.macro_f1"] = result["macro_f1"]
-    for name, acc in zip(clf.classes, result["per_class_accuracy"], strict=True):
+    for name, acc in zip(ref.classes, result["per_class_accuracy"], strict=True):
         if acc is None:
             report.not_computed[f"classifier.class_accuracy.{name}"] = "no held-out images"
         else:
             report.metrics[f"classifier.class_accuracy.{name}"] = acc
     report.confusion_matrix = result["confusion_matrix"]
+    if clf.classes != ref.classes:
+        report.confusion_columns = list(clf.classes)
     figures.save_png(
-        figures.confusion_image(report.confusion_matrix, clf.classes), stage / CONFUSION_PNG
+        figures.confusion_image(report.confusion_matrix, ref.classes, columns=clf.classes),
+        stage / CONFUSION_PNG,
     )
     report.files["confusion_png"] = CONFUSION_PNG
     report.settings["n_classifier_eval"] = len(labels)
@@ -191,10 +220,10 @@ def _add_accuracy_at_dit_size(
     if size == clf.image_size or size not in ref.caches:
         return
     images, labels = split_images(ref, size)
-    result = classifier_metrics(clf, images, labels, opts.batch_size)
+    result = classifier_metrics(clf, images, labels, opts.batch_size, ref.classes)
     report.metrics["classifier.accuracy_at_dit_size"] = result["accuracy"]
     key = "classifier.class_accuracy_at_dit_size"
-    report.metrics |= per_class_accuracies(key, clf.classes, result)
+    report.metrics |= per_class_accuracies(key, ref.classes, result)
 
 
 def other_version_notes(report: Report, version: str) -> list[str]:
@@ -246,8 +275,6 @@ def _add_inception_metrics(
         report.notes.append(_few_samples_note("Inception", len(real), real_feats.shape[1]))
 
 
-
-
 def _save_samples(
     images: torch.Tensor, class_names: list[str], per_class: int, folder: Path
 ) -> None:
@@ -261,5 +288,3 @@ def _save_samples(
 
 def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "class"
-
-

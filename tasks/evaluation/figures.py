@@ -73,16 +73,22 @@ def labelled_grid(images: torch.Tensor, class_names: list[str], per_class: int) 
 
 
 def confusion_image(
-    matrix: list[list[int]], class_names: list[str], cell_px: int = 40
+    matrix: list[list[int]],
+    class_names: list[str],
+    cell_px: int = 40,
+    columns: list[str] | None = None,
 ) -> Image.Image:
     """Heat map of a confusion matrix (rows = true class, columns = predicted), counts printed in
-    each cell and each row shaded relative to its own total, so small classes stay readable."""
-    n = len(class_names)
+    each cell and each row shaded relative to its own total, so small classes stay readable.
+    `columns` names the predicted classes when they differ from the rows' `class_names` (a judge
+    with extra classes); default: the same."""
+    columns = class_names if columns is None else columns
     font = _font(12)
     corner = "true \\ pred"
-    label_w = max(_text_width(name, font) for name in [*class_names, corner]) + 8
+    label_w = max(_text_width(name, font) for name in [*class_names, *columns, corner]) + 8
     top = label_w  # column labels are drawn rotated, so they need the same room
-    image = Image.new("RGB", (label_w + n * cell_px + 4, top + n * cell_px + 4), "white")
+    width, height = label_w + len(columns) * cell_px + 4, top + len(class_names) * cell_px + 4
+    image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     for i, row in enumerate(matrix):
         total = max(1, sum(row))
@@ -106,7 +112,7 @@ def confusion_image(
             (label_w - 4, top + i * cell_px + cell_px / 2), class_names[i], "black", font, "rm"
         )
     draw.text((2, 2), corner, fill="grey", font=font)
-    for j, name in enumerate(class_names):
+    for j, name in enumerate(columns):
         label = Image.new("RGB", (label_w, cell_px), "white")
         ImageDraw.Draw(label).text((4, cell_px / 2), name, fill="black", font=font, anchor="lm")
         image.paste(label.rotate(90, expand=True), (label_w + j * cell_px, 0))

@@ -5,6 +5,10 @@ Generator: in the trained classifier's penultimate feature space, at equal, clas
 counts, the Fréchet distance, KID, k-NN precision and recall (`tasks/evaluation/metrics.py` gives
 each formula and its paper), and the classifier's accuracy on the samples for their conditioning
 class ("conditional accuracy").
+
+The classifier may be a judge with more classes than the dataset (the 12 breeds plus `other`
+judging a DiT of the 12 breeds): labels map to its classes by name, and a prediction of a class
+the dataset lacks counts as wrong.
 """
 
 from __future__ import annotations
@@ -87,20 +91,59 @@ def split_images(ref: DatasetRef, image_size: int) -> tuple[torch.Tensor, torch.
     return torch.cat(images).float() / 255.0, torch.cat(labels)
 
 
-
 def classifier_metrics(
-    clf: ClassifierUnderTest, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 64
+    clf: ClassifierUnderTest,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int = 64,
+    classes: list[str] | None = None,
 ) -> dict[str, Any]:
     """Top-1/per-class accuracy, macro-F1 and confusion matrix of `clf` on labelled images.
 
     Args:
-        images: (N, 3, H, W) float in [0, 1]; labels: (N,) int64 ids into `clf.classes`.
+        images: (N, 3, H, W) float in [0, 1]; labels: (N,) int64 ids into `classes`.
+        classes: the names of the label ids (a dataset's classes), each one of `clf.classes`,
+            which may have more (a judge with an extra `other`); default `clf.classes`.
 
     Returns:
-        `tasks.evaluation.metrics.classification_metrics`'s dict.
+        `tasks.evaluation.metrics.classification_metrics`'s dict over `classes`
+        (`judged_metrics`): a prediction of a class outside `classes` counts as wrong.
     """
     preds, _ = clf.predict(images, batch_size)
-    return metrics.classification_metrics(preds, labels, len(clf.classes))
+    return judged_metrics(preds, labels, clf.classes if classes is None else classes, clf.classes)
+
+
+def judged_metrics(
+    preds: torch.Tensor, labels: torch.Tensor, classes: list[str], judge_classes: list[str]
+) -> dict[str, Any]:
+    """`classification_metrics` of a judge whose classes cover the labels' by name.
+
+    Args:
+        preds: (N,) int64 ids into `judge_classes`; labels: (N,) int64 ids into `classes`.
+
+    Returns:
+        accuracy (a prediction outside `classes` is wrong), per_class_accuracy (one entry per
+        name in `classes`), macro_f1 (averaged over `classes`, leaving out those absent from
+        both predictions and labels, torchmetrics' rule) and confusion_matrix (rows: `classes`,
+        true; columns: `judge_classes`, predicted).
+    """
+    if list(classes) == list(judge_classes):
+        return metrics.classification_metrics(preds, labels, len(classes))
+    rows = torch.tensor([judge_classes.index(name) for name in classes])
+    result = metrics.classification_metrics(preds, rows[labels], len(judge_classes))
+    confusion = torch.tensor(result["confusion_matrix"])[rows]  # (len(classes), len(judge))
+    f1 = []
+    for i, j in enumerate(rows.tolist()):
+        tp = int(confusion[i, j])
+        fp, fn = int(confusion[:, j].sum()) - tp, int(confusion[i].sum()) - tp
+        if tp + fp + fn:
+            f1.append(2 * tp / (2 * tp + fp + fn))
+    return {
+        "accuracy": result["accuracy"],
+        "per_class_accuracy": [result["per_class_accuracy"][j] for j in rows.tolist()],
+        "macro_f1": sum(f1) / len(f1) if f1 else 0.0,
+        "confusion_matrix": confusion.tolist(),
+    }
 
 
 def per_class_accuracies(
@@ -191,5 +234,3 @@ def matched_real(
     rows_all = np.concatenate(rows)
     images = torch.from_numpy(np.ascontiguousarray(split.images[rows_all])).permute(0, 3, 1, 2)
     return images.float() / 255.0, torch.tensor(partners, dtype=torch.long), counts
-
-

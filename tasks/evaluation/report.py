@@ -98,6 +98,10 @@ class Report(BaseModel):
         default_factory=dict, description="Sample counts, feature dims, KID subset size, k."
     )
     confusion_matrix: list[list[int]] | None = None
+    confusion_columns: list[str] | None = Field(
+        None, description="The predicted classes (columns) when the classifier has classes the "
+        "dataset lacks; None: the dataset's classes, as the rows.",
+    )  # fmt: skip
     files: dict[str, str] = Field(default_factory=dict, description="Relative to the report dir.")
     previous_report: str | None = None
     thresholds: dict[str, float] = Field(default_factory=dict)
@@ -215,6 +219,8 @@ def render_markdown(report: Report) -> str:
         _model_line("Classifier", report.classifier),
         _model_line("DiT", report.dit),
     ]
+    if report.dit and report.classifier:
+        lines.append(f"- **Judge:** the DiT's samples were judged by `{report.classifier.path}`")
     if report.sampling:
         s = report.sampling
         lines.append(
@@ -249,8 +255,9 @@ def render_markdown(report: Report) -> str:
         lines += ["", "## Notes", "", *[f"- {note}" for note in report.notes]]
     if report.confusion_matrix is not None:
         names = report.dataset.classes
+        columns = report.confusion_columns or names
         lines += ["", "## Confusion matrix (rows: true class, columns: predicted)", ""]
-        lines += ["| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        lines += ["| | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
         lines += [
             f"| **{name}** | " + " | ".join(str(c) for c in row) + " |"
             for name, row in zip(names, report.confusion_matrix, strict=True)
