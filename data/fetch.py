@@ -125,7 +125,7 @@ def _fetch_http_locked(
     url = spec.source
     final, _, sidecar = download_paths(spec, downloads_dir)
     final.parent.mkdir(parents=True, exist_ok=True)
-    cached = _cached_digests(final, sidecar, url)
+    cached = _cached_digests(final, sidecar, url, spec.source_revision)
     if cached is not None:
         try:
             archive = _verified(final, spec.expected_checksum, cached)
@@ -143,7 +143,8 @@ def _fetch_http_locked(
 
     download_file(url, final, timeout=timeout, resume=True, verify=verify, hint=SOURCE_HINT)
     archive, digests = checked[0]
-    sidecar.write_text(json.dumps({"url": url, "bytes": archive.bytes, "digests": digests}))
+    meta = {"url": url, "bytes": archive.bytes, "digests": digests}
+    sidecar.write_text(json.dumps({**meta, "revision": spec.source_revision}))
     return dataclasses.replace(archive, path=final)
 
 
@@ -160,10 +161,15 @@ def partial_path(dest: Path) -> Path:
     return dest.with_name(f"{dest.name}.part")
 
 
-def _cached_digests(final: Path, sidecar: Path, url: str) -> dict[str, str] | None:
+def _cached_digests(
+    final: Path, sidecar: Path, url: str, revision: str | None
+) -> dict[str, str] | None:
+    """The kept download's digests, if it is `url`'s, complete, and (when a revision is asked
+    for) of that revision: a changed upstream archive is downloaded again."""
     try:
         meta = json.loads(sidecar.read_text())
-        if meta["url"] == url and final.stat().st_size == meta["bytes"]:
+        same_revision = revision is None or meta.get("revision") == revision
+        if meta["url"] == url and final.stat().st_size == meta["bytes"] and same_revision:
             return dict(meta["digests"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
@@ -249,7 +255,7 @@ def _download(
         try:
             received, complete, cut = _stream_once(url, part, label, offset, timeout, or_hint)
         except (requests.ConnectionError, requests.Timeout) as exc:
-            if _host_unknown(exc):
+            if host_unknown(exc):
                 raise HostNotFoundError(
                     f"cannot resolve the host {urlparse(url).hostname!r} of {url} (this machine "
                     f"is offline, or the URL has a typo); check the URL{or_hint}"
@@ -275,7 +281,7 @@ def _download(
         )
 
 
-def _host_unknown(exc: BaseException) -> bool:
+def host_unknown(exc: BaseException) -> bool:
     """True when the error chain holds DNS's definite "no such name" (EAI_NONAME)."""
     seen: BaseException | None = exc
     while seen is not None:
@@ -300,7 +306,7 @@ def _stream_once(
             log.warning("server rejected Range bytes=%d- for %s; restarting", offset, url)
             part.unlink()
             return offset, False, None
-        _raise_for_status(response, url, or_hint)
+        raise_for_status(response, url, or_hint)
         if offset and response.status_code != 206:
             log.warning("server ignored the Range request for %s; restarting from byte 0", url)
             offset = 0
@@ -335,7 +341,7 @@ def _stream_once(
         return received, cut is None and (total is None or offset + received == total), cut
 
 
-def _raise_for_status(response: requests.Response, url: str, or_hint: str) -> None:
+def raise_for_status(response: requests.Response, url: str, or_hint: str) -> None:
     status = response.status_code
     if status < 400:
         return

@@ -100,6 +100,15 @@ class DatasetSpec(BaseModel):
             "listed in the manifest, so a hostile archive cannot exhaust memory."
         ),
     )
+    source_revision: str | None = Field(
+        None,
+        max_length=512,
+        description=(
+            "The source's revision (an http ETag or Last-Modified, or a file's sha256), set by a "
+            "scheduled run's change check (tasks.fingerprint) so that a changed upstream archive "
+            "publishes a new version; empty: the source as first downloaded."
+        ),
+    )
 
     @field_validator("source")
     @classmethod
@@ -187,6 +196,8 @@ class DatasetSpec(BaseModel):
             "seed": self.seed,
             "max_member_mib": self.max_member_mib,
         }
+        if self.source_revision is not None:  # absent, old version ids stay as they were
+            identity["source_revision"] = self.source_revision
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
         return f"{self.slug()}-{self.labels}-{digest[:8]}"
 

@@ -11,7 +11,7 @@
 
 Faults are queued per path and consumed one request at a time, in the order they were added;
 a fault with `times=None` never runs out. GET honours `Range: bytes=a-` and `bytes=a-b` (206,
-or 416 past the end). HTTP/1.0, so every request is a new connection, as after a real drop.
+or 416 past the end). Files carry an ETag and Last-Modified; `If-None-Match` answers 304. HTTP/1.0, so every request is a new connection, as after a real drop.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -173,7 +174,15 @@ def _handler_for(server: FileServer) -> type[BaseHTTPRequestHandler]:
             file = server._resolve(path)
             if file is None:
                 return self._answer(path, 404, b"not found\n")
-            size = file.stat().st_size
+            stat = file.stat()
+            size = stat.st_size
+            # Validators as real servers give them, so conditional requests can be tested.
+            validators = {
+                "ETag": f'"{size:x}-{stat.st_mtime_ns:x}"',
+                "Last-Modified": formatdate(stat.st_mtime, usegmt=True),
+            }
+            if self.headers.get("If-None-Match") == validators["ETag"]:
+                return self._answer(path, 304, b"", validators)
             start, end, status = 0, size - 1, 200
             match = _RANGE.match(self.headers.get("Range", ""))
             if match and server.ranges:
@@ -189,6 +198,8 @@ def _handler_for(server: FileServer) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Type", "application/octet-stream")
             self.send_header("Content-Length", str(length))
             self.send_header("Accept-Ranges", "bytes")
+            for name, value in validators.items():
+                self.send_header(name, value)
             if status == 206:
                 self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
             self.end_headers()
@@ -222,7 +233,8 @@ def _handler_for(server: FileServer) -> type[BaseHTTPRequestHandler]:
             self.send_response(status)
             for name, value in (headers or {}).items():
                 self.send_header(name, value)
-            self.send_header("Content-Length", str(len(payload)))
+            if status != 304:  # a 304 has no body, so no length
+                self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
             self.wfile.write(payload)
 

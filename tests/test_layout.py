@@ -16,6 +16,8 @@ RANKS = {
     "models": 1,
     "tasks.paths": 2,
     "tasks.champions": 2,
+    "tasks.fingerprint": 2,
+    "tasks.promotion": 7,
     "tasks.training": 3,
     "tasks.exported": 4,
     "tasks.configs": 4,

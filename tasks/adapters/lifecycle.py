@@ -1,0 +1,165 @@
+"""The retraining life cycle as Prefect tasks: the change check before a scheduled run trains,
+and the promotion after it is evaluated (the logic: `tasks.fingerprint`, `tasks.promotion`).
+
+1. `check_for_changes`: asks the source for its revision (a conditional request: 304 moves no
+   byte), fingerprints data revision, code and configs, and compares them with the champions of
+   this deployment. Nothing changed: the flow ends in a `Completed` state named `Unchanged`,
+   with an artifact saying why. Only deployment runs check; `force` trains anyway.
+2. `promote_models`: each evaluated model becomes its deployment's champion only if it shows no
+   regression against the champion, like for like; the `promotion` artifact shows the deltas.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import deployment as this_deployment
+from prefect.runtime import flow_run
+
+from data.dataset import DatasetSpec
+from data.revision import source_revision
+from tasks.champions import Champion, read_champion
+from tasks.evaluate import evaluate
+from tasks.evaluation.options import EvalOptions
+from tasks.fingerprint import changes, fingerprint
+from tasks.paths import run_path
+from tasks.promotion import Decision, promote
+
+
+@dataclass
+class ChangeCheck:
+    """The dataset spec to build (with the source's revision), the run's fingerprint, and the
+    differences from the champions (empty: nothing changed)."""
+
+    spec: DatasetSpec
+    fingerprint: dict[str, Any]
+    changed: list[str]
+
+
+def is_deployment_run() -> bool:
+    """Whether this flow run belongs to a Prefect deployment (scheduled, or started with
+    `prefect deployment run`): the runs the life cycle governs."""
+    return this_deployment.get_id() is not None
+
+
+@task(name="check_for_changes", task_run_name="check_for_changes · {deployment}")
+def check_for_changes(
+    spec: DatasetSpec, configs: dict[str, dict], models: list[str], deployment: str, probe: bool
+) -> ChangeCheck:
+    """Fingerprint this run and compare it with `deployment`'s champions of `models`.
+
+    `probe`: ask the source for its revision (one conditional request, or a local file's
+    sha256); without it the revision stays unset, as for ad-hoc runs. Raises the data errors of
+    `data.revision.source_revision` (an unreachable source fails here, before any work).
+    """
+    champions = {m: read_champion(deployment, m) for m in models}
+    if probe:
+        known = [c.fingerprint["dataset"].get("source_revision") for c in champions.values() if c]
+        revision = source_revision(spec, known[0] if known else None)
+        spec = spec.model_copy(update={"source_revision": revision.value})
+    current = fingerprint(spec.model_dump(mode="json"), configs)
+    changed = sorted({line for m in models for line in _changes(current, champions[m], m)})
+    return ChangeCheck(spec, current, changed)
+
+
+def _changes(current: dict[str, Any], champion: Champion | None, model: str) -> list[str]:
+    if champion is None:
+        return [f"no {model} champion yet"]
+    return changes(current, champion.fingerprint)
+
+
+def publish_change_check(check: ChangeCheck, deployment: str, force: bool) -> None:
+    """A markdown artifact (key `change-check`) and a log line: why this run trains or not."""
+    if check.changed:
+        verdict = "retrains: " + "; ".join(check.changed)
+    elif force:
+        verdict = "retrains because force=true, although nothing changed"
+    else:
+        verdict = "is skipped: nothing changed since the champions (pass force=true to retrain)"
+    get_run_logger().info("deployment %s %s", deployment, verdict)
+    lines = "\n".join(f"- {line}" for line in check.changed) or "- nothing"
+    create_markdown_artifact(
+        key="change-check",
+        markdown=f"## Change check: `{deployment}` {verdict}\n\n**Changed since the champions:**"
+        f"\n\n{lines}\n\n**Code:** `{check.fingerprint['code'][:23]}…`  \n**Data revision:** "
+        f"`{check.fingerprint['dataset'].get('source_revision')}`",
+        description=f"Why this {deployment} run trains or not",
+    )
+
+
+@task(name="promote", task_run_name="promote · {deployment}")
+def promote_models(
+    deployment: str,
+    run_names: dict[str, str],
+    report_dir: str,
+    dataset: dict,
+    options: EvalOptions,
+    check: ChangeCheck,
+    judge: str | None,
+) -> dict[str, Decision]:
+    """Promote each trained model that shows no regression; publish the `promotion` artifact.
+
+    `judge`: the run name of the classifier that judged a DiT-only run, used again if the DiT
+    champion must be re-evaluated like for like.
+    """
+    logger = get_run_logger()
+    decisions = {}
+    for kind, run_name in sorted(run_names.items()):
+
+        def rejudge(champion: Champion, kind: str = kind) -> Path:
+            out = run_path(
+                f"{Path(report_dir).name}-champion-{kind}-{champion.run_name}".replace("/", "-")
+            )
+            classifier = champion.run_dir if kind == "classifier" else _judge_dir(run_names, judge)
+            dit = champion.run_dir if kind == "dit" else None
+            # Its own history key: a re-evaluation must never become the next run's "previous".
+            again = options.model_copy(
+                update={"deployment": f"{deployment}-rejudged", "overwrite": True, "previous": None}
+            )
+            return Path(
+                evaluate(dataset, classifier=classifier, dit=dit, out=out, options=again)[
+                    "report_dir"
+                ]
+            )
+
+        decision = promote(
+            deployment, kind, run_name, Path(report_dir), check.fingerprint, rejudge,
+            flow_run.get_id(),
+        )  # fmt: skip
+        decisions[kind] = decision
+        logger.info(
+            "%s %s: %s", kind, "promoted" if decision.promoted else "kept as challenger",
+            decision.reason,
+        )  # fmt: skip
+    create_markdown_artifact(
+        key="promotion", markdown=_promotion_markdown(deployment, decisions),
+        description=f"Champion decisions of {deployment}",
+    )  # fmt: skip
+    return decisions
+
+
+def _judge_dir(run_names: dict[str, str], judge: str | None) -> Path | None:
+    name = run_names.get("classifier") or judge
+    return run_path(name) if name else None
+
+
+def _promotion_markdown(deployment: str, decisions: dict[str, Decision]) -> str:
+    parts = [f"## Promotion: `{deployment}`"]
+    for kind, d in decisions.items():
+        verdict = "**promoted** to champion" if d.promoted else "kept as **challenger**"
+        parts.append(f"### {kind}: {verdict}\n\n{d.reason}.")
+        if d.deltas:
+            rows = "\n".join(
+                f"| {name} | {x.previous:.4g} | {x.current:.4g} | {x.delta:+.4g} | "
+                f"{'yes' if x.regression else ''} |"
+                for name, x in sorted(d.deltas.items())
+            )
+            parts.append(
+                f"Against `{d.compared_with}`:\n\n| metric | champion | new | delta | regression |"
+                f"\n|---|---|---|---|---|\n{rows}"
+            )
+    return "\n\n".join(parts)
