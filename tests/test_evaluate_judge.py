@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import OXFORD_MINI
+from PIL import Image
 
 from data.dataset import DatasetSpec
 from data.download import ensure
@@ -91,6 +92,18 @@ def test_a_judge_with_an_extra_class_judges_the_dit_and_the_report_names_it(
     for key in ("generator.conditional_accuracy", "generator.classifier_fd", "generator.precision"):
         assert key in report.metrics
     assert report.sampling.n_generated == 2 * FAST["samples_per_class"]
+    # Copy detection, in pixels and in the judge's features, against the DiT's 14 training images.
+    assert report.settings["copy_training_images"] == 14 and report.settings["copy_mirrored"] == 1
+    for space in ("pixel", "features"):
+        assert 0.0 <= report.metrics[f"generator.copy_fraction.{space}"] <= 1.0
+        assert 0.0 <= report.settings[f"copy_ratio_min.{space}"] <= 1.0
+    out = Path(summary["report_dir"])
+    scatter = Image.open(out / report.files["memorisation_scatter"])
+    pairs = Image.open(out / report.files["memorisation_pairs"])
+    assert scatter.width > scatter.height  # two panels side by side
+    assert pairs.height == 8 * (64 + 2) + 2  # 8 (sample | nearest) rows of 32 px shown at 64 px
+    assert "## Memorisation (copy detection)" in markdown
+    assert "](memorisation_scatter.png)" in markdown and "](memorisation_pairs.png)" in markdown
 
 
 def test_judged_metrics_count_an_extra_class_as_wrong():
@@ -132,6 +145,8 @@ def test_without_a_judge_the_report_says_how_to_get_one(judge_and_dit, tmp_path,
     summary = evaluate(ref, None, dit, tmp_path / "r", **FAST)
     reason = summary["not_computed"]["generator.conditional_accuracy"]
     assert "run `prefect deployment run train-cats/classifier` once" in reason
+    assert "train-cats/classifier" in summary["not_computed"]["generator.copy_fraction.features"]
+    assert "generator.copy_fraction.pixel" in summary["metrics"]  # pixels need no judge
     assert (
         "run `prefect deployment run train-cats/classifier` once"
         in Path(summary["report_md"]).read_text()

@@ -13,9 +13,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from data.dataset import DatasetRef, open_split
-from tasks.evaluation import figures, inception, metrics
+from tasks.evaluation import figures, inception, memorisation, metrics
 from tasks.evaluation.measure import (
     ClassifierUnderTest,
     classifier_metrics,
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 
 GRID_PNG = "samples_grid.png"
 CONFUSION_PNG = "confusion_matrix.png"
+COPY_SCATTER_PNG = "memorisation_scatter.png"
+COPY_PAIRS_PNG = "memorisation_pairs.png"
+COPY_PAIRS_SHOWN = 8  # the samples nearest to being copies, each beside its nearest training image
 
 
 def torch_device(opts: EvalOptions) -> torch.device:
@@ -49,6 +53,8 @@ GENERATOR_KEYS = (
     "generator.recall",
     "generator.inception_fid",
     "generator.inception_kid",
+    "generator.copy_fraction.pixel",
+    "generator.copy_fraction.features",
 )
 # Where a judge comes from: the `classifier` deployment's champion (tasks.champions.find_judge).
 GET_A_JUDGE = (
@@ -94,6 +100,7 @@ def compute_report(
     else:
         reason = f"no classifier given (its features are the space); to get a judge, {GET_A_JUDGE}"
         report.not_computed.update(dict.fromkeys(GENERATOR_KEYS[:5], reason))
+    _add_memorisation(report, ref, fake, class_names, clf, stage, opts)
     _add_inception_metrics(report, real, fake[partners], opts)
 
 
@@ -224,6 +231,69 @@ def _add_accuracy_at_dit_size(
     report.metrics["classifier.accuracy_at_dit_size"] = result["accuracy"]
     key = "classifier.class_accuracy_at_dit_size"
     report.metrics |= per_class_accuracies(key, ref.classes, result)
+
+
+def _add_memorisation(
+    report: Report,
+    ref: DatasetRef,
+    fake: torch.Tensor,
+    class_names: list[str],
+    clf: ClassifierUnderTest | None,
+    stage: Path,
+    opts: EvalOptions,
+) -> None:
+    """Copy detection (`memorisation.py`): the nearest/second-nearest ratio of every sample
+    against the DiT's training images, in pixels and in the judge's features; the scatter and
+    the samples nearest to being copies beside their nearest training image."""
+    keys = ("generator.copy_fraction.pixel", "generator.copy_fraction.features")
+    train = memorisation.TrainingImages.open(ref, report.dit.image_size, class_names)
+    if len(train) < 2:
+        report.not_computed.update(
+            dict.fromkeys(keys, f"needs ≥ 2 training images, got {len(train)}")
+        )
+        return
+    mirror = bool(report.dit.train_config.get("flip", True))  # then it also saw them mirrored
+    samples = fake.to(torch_device(opts))
+    spaces = {"pixel": memorisation.pixel_neighbours(samples, train, mirror)}
+    if clf is not None:
+        spaces["features"] = memorisation.feature_neighbours(
+            samples, train, lambda x: clf.predict(x, opts.batch_size)[1]
+        )
+    else:
+        report.not_computed[keys[1]] = (
+            f"no classifier given (its features are the space); {GET_A_JUDGE}"
+        )
+    threshold = memorisation.RATIO_THRESHOLD
+    for space, found in spaces.items():
+        report.metrics[f"generator.copy_fraction.{space}"] = found.copy_fraction(threshold)
+        report.settings[f"copy_ratio_median.{space}"] = float(found.ratio.median())
+        report.settings[f"copy_ratio_min.{space}"] = float(found.ratio.min())
+    report.settings |= {"copy_ratio_threshold": threshold, "copy_training_images": len(train),
+                        "copy_mirrored": int(mirror)}  # fmt: skip
+    panels = [(space, found.d1, found.d2) for space, found in spaces.items()]
+    figures.save_png(figures.ratio_scatter(panels, threshold), stage / COPY_SCATTER_PNG)
+    pairs = _copy_pairs(fake, class_names, opts.samples_per_class, train, spaces["pixel"])
+    figures.save_png(pairs, stage / COPY_PAIRS_PNG)
+    report.files.update(memorisation_scatter=COPY_SCATTER_PNG, memorisation_pairs=COPY_PAIRS_PNG)
+
+
+def _copy_pairs(
+    fake: torch.Tensor,
+    class_names: list[str],
+    per_class: int,
+    train: memorisation.TrainingImages,
+    pixel: memorisation.Neighbours,
+) -> Image.Image:
+    """The samples with the lowest pixel ratio, each beside its nearest training image (as it
+    matched: mirrored if that view was nearer), labelled "<class> <sample number>: <ratio>"."""
+    pairs, labels = [], []
+    for i in pixel.ratio.argsort()[:COPY_PAIRS_SHOWN].tolist():
+        nearest = train.image(int(pixel.index[i]))
+        pairs += [fake[i].clamp(0, 1), nearest.flip(-1) if pixel.view[i] else nearest]
+        mirrored = " (mirrored)" if pixel.view[i] else ""
+        name, number = class_names[i // per_class], i % per_class
+        labels.append(f"{name} {number:04d}: {pixel.ratio[i]:.2f}{mirrored}")
+    return figures.labelled_grid(torch.stack(pairs), labels, 2)
 
 
 def other_version_notes(report: Report, version: str) -> list[str]:

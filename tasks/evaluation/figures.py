@@ -1,6 +1,6 @@
 """Pictures for evaluation reports: a sample grid with one labelled row per class, a confusion
-matrix heat map, and PNG helpers (atomic save, inline `data:` URIs). Pillow draws the text;
-torchvision's `make_grid` lays out the images."""
+matrix heat map, the copy-detection scatter, and PNG helpers (atomic save, inline `data:` URIs).
+Pillow draws the text and the scatter; torchvision's `make_grid` lays out the images."""
 
 from __future__ import annotations
 
@@ -117,6 +117,34 @@ def confusion_image(
         ImageDraw.Draw(label).text((4, cell_px / 2), name, fill="black", font=font, anchor="lm")
         image.paste(label.rotate(90, expand=True), (label_w + j * cell_px, 0))
     return image
+
+
+def ratio_scatter(
+    panels: list[tuple[str, torch.Tensor, torch.Tensor]], threshold: float, side_px: int = 240
+) -> Image.Image:
+    """The copy-detection figure: per panel (title, d1, d2), one dot per sample at x = d2 (second
+    nearest training image), y = d1 (nearest), with the lines d1 = d2 and d1 = threshold * d2;
+    dots under the threshold line (likely copies) are red. Axes start at 0, each panel scaled to
+    its own largest distance."""
+    font, margin = _font(12), 28
+    canvas = Image.new("RGB", (len(panels) * (side_px + 2 * margin), side_px + 3 * margin), "white")
+    draw = ImageDraw.Draw(canvas)
+    for k, (title, d1, d2) in enumerate(panels):
+        x0, y0 = k * (side_px + 2 * margin) + margin, margin + side_px  # the plot's origin
+        top = float(torch.cat([d1, d2]).max()) * 1.05 or 1.0
+        draw.rectangle([x0, y0 - side_px, x0 + side_px, y0], outline="black")
+        draw.line([x0, y0, x0 + side_px, y0 - side_px], fill="grey")
+        draw.line([x0, y0, x0 + side_px, y0 - side_px * threshold], fill="red")
+        for a, b in zip(d1.tolist(), d2.tolist(), strict=True):
+            px, py = x0 + side_px * b / top, y0 - side_px * a / top
+            colour = "red" if a < threshold * b else "royalblue"
+            draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
+        flagged = int((d1 < threshold * d2).sum())
+        draw.text((x0, margin / 2), f"{title}: {flagged}/{len(d1)} flagged", "black", font, "lm")
+        draw.text((x0 + side_px / 2, y0 + margin / 2), f"d2 (0 to {top:.3g})", "black", font, "mm")
+        note = f"y: d1 (nearest); red: d1 = {threshold:.3g} d2"
+        draw.text((x0 + side_px / 2, y0 + margin * 1.5), note, "grey", font, "mm")
+    return canvas
 
 
 def save_png(image: Image.Image, path: Path) -> Path:

@@ -33,6 +33,9 @@ LOWER_IS_BETTER = frozenset(
         "generator.classifier_kid",
         "generator.inception_fid",
         "generator.inception_kid",
+        # The share of samples flagged as copies of a training image: any rise from 0 flags.
+        "generator.copy_fraction.pixel",
+        "generator.copy_fraction.features",
     }
 )
 
@@ -273,4 +276,34 @@ def render_markdown(report: Report) -> str:
             "",
             f"Individual images: `{report.files['samples']}/`.",
         ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _memorisation_lines(report)) + "\n"
+
+
+def _memorisation_lines(report: Report) -> list[str]:
+    """The copy-detection section (`tasks/evaluation/memorisation.py`), when it was computed."""
+    if "memorisation_scatter" not in report.files:
+        return []
+    settings, found = report.settings, []
+    for space, label in (("pixel", "pixels"), ("features", "the judge's features")):
+        value = report.metrics.get(f"generator.copy_fraction.{space}")
+        if value is not None:
+            median = settings.get(f"copy_ratio_median.{space}")
+            found.append(f"{label} {value:.1%} (median ratio {_fmt(median)})")
+    mirrored = " and their mirror images" if settings.get("copy_mirrored") else ""
+    return [
+        "",
+        "## Memorisation (copy detection)",
+        "",
+        f"For each sample, d1 is the L2 distance to its nearest training image (the DiT's "
+        f"{settings.get('copy_training_images')} training images{mirrored}, at its size, pixels "
+        f"in [0, 1]) and d2 to the second nearest; a sample with d1 / d2 < "
+        f"{_fmt(settings.get('copy_ratio_threshold'))} is flagged as a likely copy (the ratio "
+        f"test after Carlini et al. 2023). Flagged: {'; '.join(found)}.",
+        "",
+        f"![copy detection]({report.files['memorisation_scatter']})",
+        "",
+        "The samples nearest to being copies (lowest pixel ratio), each beside its nearest "
+        "training image; the label gives the sample's class, number and ratio:",
+        "",
+        f"![sample | nearest training image]({report.files['memorisation_pairs']})",
+    ]
