@@ -22,6 +22,10 @@ SAMPLES_DIR = "samples"
 APP_NAME = "train-cats"
 DATA_VOLUME = "train-cats-data"
 RUNS_VOLUME = "train-cats-runs"
+# Modal Dicts: each training's newest progress row by run name (the flow reads it between polls),
+# and the dataset-build leases (one container builds a version, the others wait and reuse it).
+PROGRESS_DICT = "train-cats-progress"
+BUILDS_DICT = "train-cats-dataset-builds"
 DEFAULT_GPU = "L40S"
 
 

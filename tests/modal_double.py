@@ -10,11 +10,15 @@ cancelled) or "internal_failure" (Modal's `InternalFailure`); "run" (the default
 the image's environment points at `/data` and `/runs` point at them instead, and
 `ModalDouble.read_file` (standing in for `modal.Volume.from_name(...).read_file`) reads them.
 Commit visibility is not modelled: a client-side read sees the files as the function left them.
+`FakeDict` stands in for a named `modal.Dict` (the progress rows, the dataset-build leases): one
+in-memory instance per name, shared by the client side (`modal_calls.modal_dict`) and the function
+bodies run in threads; a child process gets its own, empty ones.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import multiprocessing
 import os
 import threading
@@ -50,6 +54,38 @@ class RecordingVolume:
         self._event("reload")
 
 
+class FakeDict:
+    """Stands in for `modal.Dict`: `put` (with Modal's atomic `skip_if_exists`), `get`, `pop`,
+    `contains`; thread-safe. `puts` counts the writes per key."""
+
+    def __init__(self) -> None:
+        self.data: dict[Any, Any] = {}
+        self.puts: dict[Any, int] = {}
+        self.lock = threading.Lock()
+
+    def put(self, key: Any, value: Any, *, skip_if_exists: bool = False) -> bool:
+        with self.lock:
+            if skip_if_exists and key in self.data:
+                return False
+            self.data[key] = value
+            self.puts[key] = self.puts.get(key, 0) + 1
+            return True
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        with self.lock:
+            return self.data.get(key, default)
+
+    def pop(self, key: Any, *default: Any) -> Any:
+        with self.lock:
+            if key not in self.data and default:
+                return default[0]
+            return self.data.pop(key)
+
+    def contains(self, key: Any) -> bool:
+        with self.lock:
+            return key in self.data
+
+
 def _run_in_child(name: str, kwargs: dict, env: dict, results: Any) -> None:
     os.environ.update(env)
     from tasks.adapters import modal_app
@@ -57,6 +93,7 @@ def _run_in_child(name: str, kwargs: dict, env: dict, results: Any) -> None:
     # The child's volumes are the same folders; its commit/reload calls go nowhere.
     modal_app.data_volume = RecordingVolume("data", Path(env["TRAIN_CATS_DATA_DIR"]), [])
     modal_app.runs_volume = RecordingVolume("runs", Path(env["TRAIN_CATS_RUNS_DIR"]), [])
+    modal_app.progress_dict, modal_app.build_leases = FakeDict(), FakeDict()
     try:
         results.put(("ok", getattr(modal_app, name).local(**kwargs)))
     except BaseException as exc:
@@ -193,9 +230,12 @@ class ModalDouble:
 
 
 def wire_volumes(tmp_path: Path, monkeypatch: Any) -> dict:
-    """Two folders standing in for the volumes, wired as the image wires /data and /runs, and
-    fake Modal credentials. Returns {"data", "runs", "log" (RecordingVolume events), "env"}."""
-    from tasks.adapters import modal_app
+    """Two folders standing in for the volumes, wired as the image wires /data and /runs, the
+    Modal Dicts (in memory, on both sides), and fake Modal credentials. Returns {"data", "runs",
+    "log" (RecordingVolume events), "env", "dicts" (name -> FakeDict)}. The loggers that the
+    function bodies configure get their handlers and level back at teardown."""
+    from tasks.adapters import modal_app, modal_calls
+    from tasks.paths import BUILDS_DICT, PROGRESS_DICT
 
     data, runs, log = tmp_path / "vol-data", tmp_path / "vol-runs", []
     data.mkdir()
@@ -207,4 +247,12 @@ def wire_volumes(tmp_path: Path, monkeypatch: Any) -> dict:
     monkeypatch.setenv("MODAL_TOKEN_SECRET", "as-test-double")
     monkeypatch.setattr(modal_app, "data_volume", RecordingVolume("data", data, log))
     monkeypatch.setattr(modal_app, "runs_volume", RecordingVolume("runs", runs, log))
-    return {"data": data, "runs": runs, "log": log, "env": env}
+    dicts = {PROGRESS_DICT: FakeDict(), BUILDS_DICT: FakeDict()}
+    monkeypatch.setattr(modal_app, "progress_dict", dicts[PROGRESS_DICT])
+    monkeypatch.setattr(modal_app, "build_leases", dicts[BUILDS_DICT])
+    monkeypatch.setattr(modal_calls, "modal_dict", dicts.__getitem__)
+    for name in modal_app.LOGGERS:
+        logger = logging.getLogger(name)
+        monkeypatch.setattr(logger, "handlers", list(logger.handlers))
+        monkeypatch.setattr(logger, "level", logger.level)
+    return {"data": data, "runs": runs, "log": log, "env": env, "dicts": dicts}

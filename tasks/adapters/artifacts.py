@@ -7,8 +7,10 @@ shows each as one series across scheduled runs.
 
 from __future__ import annotations
 
+import io
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ from prefect.client.schemas.actions import ArtifactCreate
 
 from data.dataset import DatasetRef, read_manifest
 from tasks.evaluation import figures
-from tasks.evaluation.report import REPORT_JSON, load_report, render_markdown
+from tasks.evaluation.report import REPORT_JSON, Report, load_report, render_markdown
 
 PROGRESS_EVERY_S = 2.0
 
@@ -178,24 +180,6 @@ def publish_training(model: str, result: dict, where: str) -> None:
         )
 
 
-def publish_remote_report(result: dict, out: str) -> None:
-    """Artifacts for a report written on the runs volume: its metrics and how to fetch it.
-
-    (Locally ``publish_report`` publishes the full report, images inline.)
-    """
-    rows = [{"metric": k, "value": v} for k, v in sorted((result.get("metrics") or {}).items())]
-    rows += [{"metric": k, "value": f"not computed: {v}"} for k, v in
-             sorted((result.get("not_computed") or {}).items())]  # fmt: skip
-    create_table_artifact(rows, key="eval-metrics", description="Evaluation metrics (Modal)")
-    create_markdown_artifact(
-        markdown=f"## Evaluation report on volume `train-cats-runs`\n\n`{result['report_dir']}`"
-        f"\n\nRegressions: {result.get('regressions') or 'none'}\n\nFetch it with:\n\n"
-        f"```\nmodal volume get train-cats-runs {out} ./report\n```",
-        key="eval-report-location",
-        description="Where the evaluation report lives on Modal",
-    )
-
-
 def _artifact_key(deployment: str, what: str) -> str:
     # Prefect keys: lowercase letters, digits and dashes only.
     return re.sub(r"[^a-z0-9-]+", "-", f"{deployment}-eval-{what}".lower()).strip("-")
@@ -210,6 +194,46 @@ def publish_report(report_dir: Path) -> None:
     with the sample grid and confusion matrix inline (`data:` URIs, which the Prefect UI renders),
     and links to the report files."""
     report = load_report(report_dir)
+    _publish_metrics_and_summary(report, lambda relative: (report_dir / relative).read_bytes())
+    for name, relative in {"report_json": REPORT_JSON, **report.files}.items():
+        create_link_artifact(
+            link=(report_dir / relative).as_uri(),
+            link_text=f"{name}: {report_dir / relative}",
+            key=_artifact_key(report.deployment, name.replace("_", "-")),
+        )
+
+
+def publish_remote_report(result: dict, out: str, read: Callable[[str], bytes]) -> None:
+    """Publish a report written on the runs volume as ``publish_report`` does a local one.
+
+    ``read(path)`` returns a committed file of the runs volume (``path`` relative to its root,
+    e.g. ``modal_calls.read_volume_file``): the same metrics table and summary, with the sample
+    grid and confusion matrix inline, read back from ``<out>/``; instead of file links, how to
+    fetch the folder. If the report cannot be read, the metrics of ``result`` only.
+    """
+    logger = get_run_logger()
+    try:
+        report = Report.model_validate_json(read(f"{out}/{REPORT_JSON}"))
+    except Exception as exc:  # the step succeeded: show what is known rather than fail it
+        logger.warning("could not read %s/%s from the runs volume: %s", out, REPORT_JSON, exc)
+        report = None
+        rows = [{"metric": k, "value": v} for k, v in sorted((result.get("metrics") or {}).items())]
+        rows += [{"metric": k, "value": f"not computed: {v}"} for k, v in
+                 sorted((result.get("not_computed") or {}).items())]  # fmt: skip
+        create_table_artifact(rows, key="eval-metrics", description="Evaluation metrics (Modal)")
+    if report is not None:
+        _publish_metrics_and_summary(report, lambda relative: read(f"{out}/{relative}"))
+    create_markdown_artifact(
+        markdown=f"## Evaluation report on volume `train-cats-runs`\n\n`{result['report_dir']}`"
+        f"\n\nRegressions: {result.get('regressions') or 'none'}\n\nFetch it with:\n\n"
+        f"```\nmodal volume get train-cats-runs {out} ./report\n```",
+        key="eval-report-location",
+        description="Where the evaluation report lives on Modal",
+    )
+
+
+def _publish_metrics_and_summary(report: Report, read: Callable[[str], bytes]) -> None:
+    """The metrics table and the markdown summary; ``read(relative)`` gives a report file."""
     rows: list[dict[str, Any]] = []
     for name, value in report.metrics.items():
         delta = report.deltas.get(name)
@@ -234,16 +258,14 @@ def publish_report(report_dir: Path) -> None:
     for name in ("grid", "confusion_png"):
         if name in report.files:
             relative = report.files[name]
-            uri = figures.png_data_uri(report_dir / relative)
+            try:
+                uri = figures.png_data_uri(io.BytesIO(read(relative)))
+            except Exception as exc:  # a missing picture leaves its relative link, not a failure
+                get_run_logger().warning("could not inline %s (%s): %s", name, relative, exc)
+                continue
             summary = summary.replace(f"]({relative})", f"]({uri})")
     create_markdown_artifact(
         markdown=summary,
         key=_artifact_key(report.deployment, "report"),
         description="Evaluation report with the sample grid and confusion matrix",
     )
-    for name, relative in {"report_json": REPORT_JSON, **report.files}.items():
-        create_link_artifact(
-            link=(report_dir / relative).as_uri(),
-            link_text=f"{name}: {report_dir / relative}",
-            key=_artifact_key(report.deployment, name.replace("_", "-")),
-        )

@@ -36,10 +36,13 @@ from prefect.client.schemas.filters import (
 
 from tasks.adapters import artifacts as monitoring
 from tasks.adapters.limits import StepLimits
-from tasks.paths import APP_NAME, METRICS, RUNS_VOLUME
+from tasks.paths import APP_NAME, METRICS, PROGRESS_DICT, RUNS_VOLUME
 
 CALL_ARTIFACT_PREFIX = "modal-call-"
 POLL_S = 30.0
+# A watched call (a training's progress) is polled at least this often: with the container's
+# Dict writes every 5 s (modal_app.PROGRESS_EVERY_S), the UI trails a step by 15 s at most.
+WATCH_POLL_S = 10.0
 
 
 class ModalUnavailableError(RuntimeError):
@@ -140,23 +143,54 @@ def read_volume_file(volume: str, path: str) -> bytes:
     return b"".join(modal.Volume.from_name(volume).read_file(path))
 
 
+def modal_dict(name: str) -> Any:
+    """The named Modal Dict (``modal.Dict.from_name``), created if missing."""
+    import modal
+
+    return modal.Dict.from_name(name, create_if_missing=True)
+
+
 class RemoteTrainingProgress:
     """Keeps a progress artifact current for a training running on Modal, from the client side.
 
-    Called between polls of the Modal call: it reads the run's ``metrics.jsonl`` from the runs
-    volume (committed by the training every few minutes, ``tasks.adapters.modal_app.COMMIT_EVERY_S``) and
-    reports its newest ``train`` row as step/total_steps. Until a row is committed it reports the
-    time since the spawn against the config's time budget (minutes; None: elapsed time only).
+    Called between polls of the Modal call: it reads the newest progress row that the container
+    put in the ``train-cats-progress`` Dict under the run name (every few seconds,
+    ``tasks.adapters.modal_app.PROGRESS_EVERY_S``) and reports it as step/total_steps. Without one
+    (an older deployment, a failed Dict read) it falls back to the newest ``train`` row of the
+    run's ``metrics.jsonl`` on the runs volume, committed every few minutes
+    (``tasks.adapters.modal_app.COMMIT_EVERY_S``); without either, to the time since the spawn
+    against the config's time budget (minutes; None: elapsed time only). A row left from an
+    earlier call with the same run name is dropped when this starts and once it finishes.
     """
 
     def __init__(self, label: str, run_name: str, budget_minutes: float | None):
         self.label = f"{label} (Modal)"
         self.artifact = monitoring.ProgressArtifact(self.label)
+        self.key = run_name
         self.path = f"{run_name}/{METRICS}"
         self.budget_s = None if budget_minutes is None else budget_minutes * 60.0
         self.t0 = time.monotonic()
+        self._forget()
+
+    def _forget(self) -> None:
+        try:
+            modal_dict(PROGRESS_DICT).pop(self.key, None)
+        except Exception as exc:  # progress is a convenience: never fail the step for it
+            get_run_logger().warning("could not clear progress %s in %s: %s", self.key,
+                                     PROGRESS_DICT, exc)  # fmt: skip
+
+    def _dict_row(self) -> dict | None:
+        try:
+            return modal_dict(PROGRESS_DICT).get(self.key)
+        except Exception as exc:
+            get_run_logger().warning("could not read progress %s from %s: %s", self.key,
+                                     PROGRESS_DICT, exc)  # fmt: skip
+            return None
 
     def _newest_row(self) -> dict | None:
+        row = self._dict_row()
+        if row is not None:
+            return row
         try:
             text = read_volume_file(RUNS_VOLUME, self.path).decode()
         except FileNotFoundError:
@@ -193,6 +227,7 @@ class RemoteTrainingProgress:
 
     def finished(self) -> None:
         self.artifact.report(100.0, f"{self.label}: finished")
+        self._forget()
 
 
 def _dashboard_url(call: Any) -> str:
@@ -233,8 +268,9 @@ def run_on_modal(
     ``limits.max_queue_s`` seconds. The call id goes into a table artifact (key
     ``modal-call-<function>``) before waiting, so the flow's cancellation hook can find it.
     ``watch`` (e.g. a ``RemoteTrainingProgress``) is called every ``poll_s`` seconds (default
-    ``POLL_S``) while the call runs. Whatever ends the wait early (the queue time, a failed poll,
-    Prefect's timeout or cancellation, Ctrl-C) cancels the call before it propagates.
+    ``POLL_S``; with a ``watch``, at most ``WATCH_POLL_S``) while the call runs. Whatever ends the
+    wait early (the queue time, a failed poll, Prefect's timeout or cancellation, Ctrl-C) cancels
+    the call before it propagates.
 
     Raises:
         ModalUnavailableError: the app is not deployed (names the ``modal deploy`` command).
@@ -260,7 +296,8 @@ def run_on_modal(
     logger.info("spawned Modal call %s: %s(%s) %s", call.object_id, function_name, sorted(kwargs),
                 options)  # fmt: skip
     try:
-        return _wait(call, function_name, limits, poll_s or POLL_S, watch)
+        poll_s = poll_s or (min(POLL_S, WATCH_POLL_S) if watch is not None else POLL_S)
+        return _wait(call, function_name, limits, poll_s, watch)
     except BaseException as exc:  # cancelling a finished call is a no-op, so cancel on every path
         logger.warning("cancelling Modal call %s (%s)", call.object_id, type(exc).__name__)
         call.cancel()

@@ -37,7 +37,7 @@ from tasks.adapters import limits, modal_calls
 from tasks.evaluate import evaluate_runs
 from tasks.evaluation.history import default_deployment
 from tasks.evaluation.options import EvalOptions
-from tasks.paths import DEFAULT_GPU, run_path
+from tasks.paths import DEFAULT_GPU, RUNS_VOLUME, run_path
 from tasks.train import build_config, train
 
 Backend = Literal["local", "modal"]
@@ -235,7 +235,10 @@ def evaluate_task(
             dit=dit or "",
             options=opts.model_dump_json(),
         )
-        monitoring.publish_remote_report(result, out)
+        # The grid and confusion matrix, read back from the runs volume, as locally.
+        monitoring.publish_remote_report(
+            result, out, lambda path: modal_calls.read_volume_file(RUNS_VOLUME, path)
+        )
         return result
     result = evaluate_runs(dataset, out, classifier, dit, opts)
     monitoring.publish_report(Path(result["report_dir"]))
