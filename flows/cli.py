@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from data.errors import DATASET_FLAGS, DatasetError, in_flags, print_error
-from flows.parameters import FlowParameters, plan
+from flows.parameters import FlowParameters, modal_credentials_may_exist, plan
 from tasks.configs import MODELS
 
 PREFECT_YAML = Path(__file__).resolve().parents[1] / "prefect.yaml"
@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", help="dataset archive: http(s):// URL, file:// URL or path")
     p.add_argument("--checksum", help="expected archive digest, ALGO:HEX")
     p.add_argument("--labels", choices=["breed", "species"], help="label mode")
-    p.add_argument("--backend", choices=["local", "modal"], help="where the steps run")
+    p.add_argument("--backend", choices=["auto", "local", "modal"], help="where the steps run")
     p.add_argument("--gpu", help="Modal GPU type (backend=modal)")
     p.add_argument("--no-evaluate", action="store_true", help="skip the evaluation step")
     p.add_argument(
@@ -190,7 +190,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.deployment:  # report history and deltas per deployment, as on a worker
             params.setdefault("evaluation", {}).setdefault("deployment", args.deployment)
         bound = FlowParameters.model_validate(params)
-        if bound.compute.backend == "modal":  # its checks import the Modal adapter (and Prefect)
+        # Modal checks import the Modal adapter (and Prefect): only when they will run
+        if bound.compute.backend == "modal" or (
+            bound.compute.backend == "auto" and modal_credentials_may_exist()
+        ):
             from tasks.adapters.modal_calls import ModalUnavailableError
 
             modal_errors = (ModalUnavailableError,)

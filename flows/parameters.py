@@ -3,6 +3,7 @@ them all before any work starts."""
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -14,7 +15,7 @@ from tasks.adapters.costs import parse_gpu
 from tasks.adapters.limits import DEFAULT_MAX_QUEUE_MINUTES
 from tasks.configs import MODELS, ModelName, build_config
 from tasks.evaluation.options import EvalOptions
-from tasks.paths import DEFAULT_GPU
+from tasks.paths import APP_NAME, DEFAULT_GPU
 
 
 class TrainingParams(BaseModel):
@@ -39,11 +40,13 @@ class ComputeParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    backend: Literal["local", "modal"] = Field(
+    backend: Literal["auto", "local", "modal"] = Field(
         "local",
         description="local: every step in this process, one training after the other. modal: "
         "each step in its own Modal container, the trainings concurrently on GPUs (needs "
-        "credentials and `modal deploy tasks/adapters/modal_app.py`).",
+        "credentials and `modal deploy tasks/adapters/modal_app.py`). auto (the deployments' "
+        "value): modal when this process has Modal credentials and the app is deployed, else "
+        "local; the run's `backend` artifact says which and why.",
     )
     gpu: str = Field(
         DEFAULT_GPU,
@@ -99,14 +102,17 @@ def plan(
     evaluation: EvaluationParams,
     check_network: bool = True,
 ) -> tuple[DatasetSpec, dict[str, str]]:
-    """Validate everything before any work: presets, overrides, credentials, source.
+    """Validate everything before any work: backend, presets, overrides, credentials, source.
 
-    Returns the dataset spec extended with every image size the trainings need, and the preset
-    chosen per model. Raises ValueError or ``ModalUnavailableError`` (from
+    ``compute.backend="auto"`` is resolved first (``resolve_backend``; the flow resolves it
+    before calling, to publish the choice), since the presets' default depends on it. Returns
+    the dataset spec extended with every image size the trainings need, and the preset chosen
+    per model. Raises ValueError or ``ModalUnavailableError`` (from
     ``tasks.adapters.modal_calls``, imported for backend=modal only) naming the fix.
     """
     if not models:
         raise ValueError("models is empty: choose 'classifier', 'dit' or both")
+    compute, _ = resolve_backend(compute, check_app=check_network)
     if compute.backend == "modal":
         from tasks.adapters import modal_calls  # Prefect and Modal: only when they are needed
 
@@ -130,6 +136,51 @@ def plan(
     if compute.backend == "local":  # last: the one check that may touch the network (DNS)
         _require_local_source(dataset, check_network)
     return validated, presets
+
+
+NO_CREDENTIALS = (
+    "no Modal credentials (set MODAL_TOKEN_ID and MODAL_TOKEN_SECRET, run `modal token new` for "
+    "~/.modal.toml, or give the worker Secret blocks: see README, Credentials)"
+)
+
+
+def resolve_backend(compute: ComputeParams, check_app: bool = True) -> tuple[ComputeParams, str]:
+    """``compute`` with ``backend="auto"`` resolved to modal or local, and the reason in words.
+
+    auto: modal when the Modal client has credentials (MODAL_TOKEN_ID/SECRET in the environment,
+    e.g. from the work pool's Secret blocks, or ~/.modal.toml) and the app is deployed (one
+    bounded Modal API call; skipped without ``check_app``); local when it has none. An explicit
+    backend is kept as given. Everything after this sees only local or modal.
+
+    Raises:
+        ModalUnavailableError: auto found credentials, but the app is not deployed (the message
+            names `modal deploy`), Modal refused them, or Modal did not answer in time.
+    """
+    if compute.backend != "auto":
+        return compute, f"compute.backend={compute.backend!r} was given"
+    source = None
+    if modal_credentials_may_exist():  # else local without importing Modal or Prefect (the CLI)
+        from tasks.adapters import modal_access
+
+        source = modal_access.modal_credentials_source()
+    if source is None:
+        chosen, why = "local", NO_CREDENTIALS
+    elif not check_app:
+        chosen, why = "modal", f"credentials from {source} (app deployment not checked)"
+    else:
+        modal_access.require_app_deployed(source)
+        chosen, why = "modal", f"credentials from {source} and app {APP_NAME!r} deployed"
+    # Validated again, so a modal choice checks compute.gpu's price as an explicit one does.
+    return ComputeParams.model_validate({**compute.model_dump(), "backend": chosen}), why
+
+
+def modal_credentials_may_exist() -> bool:
+    """False when the Modal client cannot have a token: neither MODAL_TOKEN_* variables nor its
+    config file (MODAL_CONFIG_PATH, else ~/.modal.toml)."""
+    if os.environ.get("MODAL_TOKEN_ID") or os.environ.get("MODAL_TOKEN_SECRET"):
+        return True
+    path = os.environ.get("MODAL_CONFIG_PATH") or os.path.expanduser("~/.modal.toml")
+    return os.path.isfile(path)
 
 
 def _require_even_split(configs: dict[str, Any], gpu: str) -> None:

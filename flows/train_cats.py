@@ -18,9 +18,16 @@ if __name__ == "__main__":  # the command line answers --help and bad flags befo
 from prefect import flow
 
 from data.dataset import DatasetSpec
-from flows.parameters import ComputeParams, EvaluationParams, TrainingParams, plan
+from flows.parameters import (
+    ComputeParams,
+    EvaluationParams,
+    TrainingParams,
+    plan,
+    resolve_backend,
+)
 from tasks.adapters import artifacts, spend
 from tasks.adapters import modal_calls as backend
+from tasks.adapters.modal_access import report_backend
 from tasks.adapters.prefect_tasks import (
     ensure_dataset,
     evaluate_task,
@@ -49,6 +56,8 @@ def train_cats(
     """Build or reuse the dataset, train the chosen models, evaluate them; return a summary."""
     models = sorted(set(models))
     training = {"classifier": classifier, "dit": dit}
+    compute, why = resolve_backend(compute)  # auto: modal or local, before the presets
+    report_backend(compute.backend, why)
     spec, presets = plan(dataset, models, training, compute, evaluation)
     limits = {}  # Modal: each GPU step's timeouts and retries, and the most they can cost
     if compute.backend == "modal":

@@ -41,7 +41,7 @@ def test_parameters_render_as_a_form_with_descriptions_and_bounds():
             assert spec.get("description"), f"{name}.{field} has no description"
     samples = definitions["EvaluationParams"]["properties"]["samples_per_class"]
     assert (samples["minimum"], samples["maximum"]) == (1, 1024)
-    assert definitions["ComputeParams"]["properties"]["backend"]["enum"] == ["local", "modal"]
+    assert definitions["ComputeParams"]["properties"]["backend"]["enum"] == ["auto", "local", "modal"]
 
 
 def _never_run(*_):
