@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", help="Modal GPU type (backend=modal)")
     p.add_argument("--no-evaluate", action="store_true", help="skip the evaluation step")
     p.add_argument(
+        "--force", action="store_true", help="retrain even if nothing changed (deployment runs)"
+    )
+    p.add_argument(
         "--dry-run",
         action="store_true",
         help="validate and print the parameters, run nothing (the source's host is not resolved)",
@@ -114,6 +117,8 @@ def parameters_from_args(args: argparse.Namespace) -> dict[str, Any]:
         flags.update({m: {"preset": args.preset} for m in MODELS})
     if args.no_evaluate:
         flags["evaluation"] = {"enabled": False}
+    if args.force:
+        flags["force"] = True
     return _merge(params, _drop_none(flags))
 
 

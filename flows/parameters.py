@@ -92,6 +92,11 @@ class FlowParameters(BaseModel):
     dit: TrainingParams = Field(default_factory=TrainingParams)
     compute: ComputeParams = Field(default_factory=ComputeParams)
     evaluation: EvaluationParams = Field(default_factory=EvaluationParams)
+    force: bool = Field(
+        False,
+        description="Retrain even when nothing changed since the deployment's champions (data "
+        "revision, code, config); only deployment runs check for changes.",
+    )
 
 
 def plan(

@@ -15,7 +15,8 @@ if __name__ == "__main__":  # the command line answers --help and bad flags befo
 
     sys.exit(main())
 
-from prefect import flow
+from prefect import flow, get_run_logger
+from prefect.states import Completed, State
 
 from data.dataset import DatasetSpec
 from flows.parameters import (
@@ -25,7 +26,7 @@ from flows.parameters import (
     plan,
     resolve_backend,
 )
-from tasks.adapters import artifacts, spend
+from tasks.adapters import artifacts, lifecycle, spend
 from tasks.adapters import modal_calls as backend
 from tasks.adapters.modal_access import report_backend
 from tasks.adapters.prefect_tasks import (
@@ -35,6 +36,9 @@ from tasks.adapters.prefect_tasks import (
     train_classifier_task,
     train_dit_task,
 )
+from tasks.champions import find_judge
+from tasks.evaluation.history import default_deployment
+from tasks.train import build_config
 
 TRAIN_TASKS = {"classifier": train_classifier_task, "dit": train_dit_task}
 
@@ -52,13 +56,24 @@ def train_cats(
     dit: TrainingParams = TrainingParams(),  # noqa: B008
     compute: ComputeParams = ComputeParams(),  # noqa: B008
     evaluation: EvaluationParams = EvaluationParams(),  # noqa: B008
-) -> dict:
-    """Build or reuse the dataset, train the chosen models, evaluate them; return a summary."""
+    force: bool = False,
+) -> State:
+    """Check for changes, build or reuse the dataset, train the chosen models, evaluate them and
+    promote the better ones; the final state (Unchanged, Promoted, Challenger, Trained) carries
+    a summary. `force` retrains although nothing changed since the champions."""
     models = sorted(set(models))
     training = {"classifier": classifier, "dit": dit}
     compute, why = resolve_backend(compute)  # auto: modal or local, before the presets
     report_backend(compute.backend, why)
     spec, presets = plan(dataset, models, training, compute, evaluation)
+    deployment = evaluation.deployment or default_deployment()
+    configs = {m: build_config(m, presets[m], training[m].overrides).model_dump() for m in models}
+    governed = lifecycle.is_deployment_run()  # scheduled or `prefect deployment run` runs
+    check = lifecycle.check_for_changes(spec, configs, models, deployment, probe=governed)
+    lifecycle.publish_change_check(check, deployment, force)
+    if governed and not check.changed and not force:
+        return Completed(name="Unchanged", message="nothing changed since the champions")
+    spec = check.spec
     limits = {}  # Modal: each GPU step's timeouts and retries, and the most they can cost
     if compute.backend == "modal":
         overrides = {m: training[m].overrides for m in models}
@@ -84,22 +99,40 @@ def train_cats(
         results = spend.gather_or_fail_fast(futures)
     else:  # one machine: one after the other
         results = {m: TRAIN_TASKS[m](**train[m]) for m in models}
-    report = None
+    report, decisions = None, {}
+    # A DiT trained alone is judged by a classifier champion that knows its classes, if any.
+    judge = None if "classifier" in models else find_judge(ref["classes"])
     if evaluation.enabled:
         report = spend.bounded(evaluate_task, limits.get("evaluate"))(
             ref,
             out=f"{prefix}/report",
-            classifier=train.get("classifier", {}).get("run_name"),
+            classifier=train.get("classifier", {}).get("run_name") or (judge and judge.run_name),
             dit=train.get("dit", {}).get("run_name"),
             options=evaluation.options(),
             backend_name=compute.backend,
             gpu=compute.gpu,
             max_queue_minutes=compute.max_queue_minutes,
         )
-    return {
+    if report is not None and compute.backend == "modal":
+        get_run_logger().warning("promotion skipped: the reports are on the Modal runs volume")
+    elif report is not None:
+        decisions = lifecycle.promote_models(
+            deployment, {m: train[m]["run_name"] for m in models}, report["report_dir"], ref,
+            evaluation.options(), check, judge and judge.run_name,
+        )  # fmt: skip
+    summary = {
         "dataset_version": ref["version"],
         "run_dirs": {m: r["run_dir"] for m, r in results.items()},
         "metrics": {m: r.get("metrics", {}) for m, r in results.items()},
         "report": report,
+        "promoted": {m: d.promoted for m, d in decisions.items()},
     }
+    if not decisions:
+        return Completed(name="Trained", message="trained and evaluated", data=summary)
+    verdicts = "; ".join(
+        f"{m} {'promoted' if d.promoted else 'kept as challenger'}: {d.reason}"
+        for m, d in decisions.items()
+    )
+    name = "Promoted" if all(d.promoted for d in decisions.values()) else "Challenger"
+    return Completed(name=name, message=verdicts, data=summary)
 

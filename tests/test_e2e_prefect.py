@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -124,20 +125,20 @@ def stack(tmp_path_factory, shared_datasets):
         files.__exit__(None, None, None)
 
 
-def _run_dit(stack) -> dict:
-    params = {
-        "dataset": {
-            "source": stack["files"].url("/images.tar.gz"),
-            "checksum": "sha256:5e323a073ce0e71fda305108a81efefa0abf20074e647cb6143273b4221b4229",
-            "labels": "breed",
-            "max_other": 24,
-            "image_sizes": [32],
-        },
-        "dit": {"preset": "cpu-tiny"},
-        "evaluation": {"enabled": True, "samples_per_class": 2},
-    }
+SOURCE = {
+    "checksum": "sha256:5e323a073ce0e71fda305108a81efefa0abf20074e647cb6143273b4221b4229",
+    "labels": "breed",
+    "image_sizes": [32],
+}
+
+
+def _run(stack, deployment: str, **params) -> dict:
+    """`prefect deployment run train-cats/<deployment> --watch` with `params` over the
+    deployment's own; returns the flow run as the API reports it."""
+    dataset = {**SOURCE, **params.pop("dataset", {}), "source": stack["files"].url("/images.tar.gz")}
+    params = {"dataset": dataset, **params}
     result = subprocess.run(
-        [*PREFECT, "deployment", "run", "train-cats/dit", "--params", json.dumps(params),
+        [*PREFECT, "deployment", "run", f"train-cats/{deployment}", "--params", json.dumps(params),
          "--watch", "--watch-interval", "2", "--watch-timeout", "240"],
         cwd=REPO, env=stack["env"], capture_output=True, text=True, timeout=300,
     )  # fmt: skip
@@ -147,6 +148,17 @@ def _run_dit(stack) -> dict:
         + (stack["logs"] / "worker.log").read_text()[-6000:]
     )
     return runs[0]
+
+
+def _run_dit(stack, **params) -> dict:
+    """The main job on the 12 cat breeds (no 'other'), judged by the classifier champion."""
+    params = {"dit": {"preset": "cpu-tiny"}, "dataset": {"max_other": 0}, **params}
+    return _run(stack, "dit", evaluation={"enabled": True, "samples_per_class": 2}, **params)
+
+
+def _champion(stack, deployment: str, kind: str) -> dict:
+    path = stack["root"] / "runs" / "champions" / deployment / f"{kind}.json"
+    return json.loads(path.read_text())
 
 
 def _post(stack, path: str, body: dict) -> list[dict]:
@@ -175,11 +187,11 @@ def _check_ui(base: str, flow_run_id: str, report_id: str) -> list[Path]:
         page = browser.new_page()
         page.goto(f"{base}/runs/flow-run/{flow_run_id}")
         page.get_by_text("Task Runs", exact=True).first.click()
-        for name in ("ensure_dataset · breed", "train_dit · cpu-tiny", "evaluate · dit"):
+        for name in ("ensure_dataset · breed", "train_dit · cpu-tiny", "evaluate · classifier + dit"):
             page.get_by_text(name).first.wait_for(timeout=30_000)
         page.screenshot(path=shots[0], full_page=True)
         page.get_by_text("Artifacts", exact=True).first.click()
-        for key in ("dit-metrics", "dit-files", "dataset-summary"):
+        for key in ("dit-metrics", "dit-files", "dataset-summary", "promotion", "change-check"):
             page.get_by_text(key).first.wait_for(timeout=30_000)
         page.screenshot(path=shots[1], full_page=True)
         page.goto(f"{base}/artifacts/artifact/{report_id}")
@@ -203,16 +215,29 @@ def _check_ui(base: str, flow_run_id: str, report_id: str) -> list[Path]:
 
 
 def test_deployment_runs_end_to_end_and_the_ui_shows_it(stack):
+    # The judge first: the classifier deployment's champion covers the DiT's 12 breeds.
+    t0 = time.monotonic()
+    judge_run = _run(
+        stack, "classifier", dataset={**SOURCE, "max_other": 24},
+        classifier={"preset": "cpu-tiny"},
+    )  # fmt: skip
+    assert (judge_run["state_type"], judge_run["state_name"]) == ("COMPLETED", "Promoted")
+    judge = _champion(stack, "classifier", "classifier")
+    print(f"classifier deployment run: {time.monotonic() - t0:.1f} s")
+
     t0 = time.monotonic()
     first = _run_dit(stack)
-    assert first["state_type"] == "COMPLETED"
+    assert (first["state_type"], first["state_name"]) == ("COMPLETED", "Promoted")
     assert stack["files"].count("/images.tar.gz") >= 1
-    print(f"first deployment run: {time.monotonic() - t0:.1f} s")
+    print(f"first dit deployment run: {time.monotonic() - t0:.1f} s")
+    champion = _champion(stack, "dit", "dit")
+    assert champion["run_name"].endswith("/dit") and champion["flow_run_id"] == first["id"]
+    assert champion["metrics"], "a judged DiT has generator metrics"
 
     flow_filter = {"flow_runs": {"id": {"any_": [first["id"]]}}}
     tasks = _post(stack, "task_runs/filter", flow_filter)
     names = sorted(t["name"] for t in tasks)
-    assert {"ensure_dataset", "train_dit", "evaluate"} == {
+    assert {"check_for_changes", "ensure_dataset", "train_dit", "evaluate", "promote"} == {
         re.match("[a-z_]+", n)[0].rstrip("_") for n in names
     }, names
     assert all(t["state_type"] == "COMPLETED" for t in tasks), names
@@ -224,11 +249,12 @@ def test_deployment_runs_end_to_end_and_the_ui_shows_it(stack):
     keys = {a["key"] for a in artifacts if a["key"]}
     types = {a["type"] for a in artifacts}
     assert "progress" in types and "table" in types and "markdown" in types, types
-    assert {"dit-metrics", "dit-files"} <= keys, keys
+    assert {"dit-metrics", "dit-files", "promotion", "change-check"} <= keys, keys
     (report,) = [
         a for a in artifacts if a["type"] == "markdown" and (a["key"] or "").endswith("eval-report")
     ]
     assert "data:image/png;base64," in report["data"]
+    assert judge["run_name"] in report["data"], "the report names its judge"
 
     exports = list((stack["root"] / "runs").glob("*/dit/model.safetensors"))
     assert len(exports) == 1, exports
@@ -240,16 +266,31 @@ def test_deployment_runs_end_to_end_and_the_ui_shows_it(stack):
     assert reports and json.loads(reports[0].read_text())
     assert (reports[0].parent / "report.md").is_file()
 
-    # Second run: the published dataset version is reused, the archive is not fetched again.
-    before = stack["files"].count("/images.tar.gz")
+    # Nothing changed: skipped in seconds, one conditional HEAD (304) and no GET of the archive.
+    gets, heads = stack["files"].count("/images.tar.gz"), len(stack["files"].requests)
     second = _run_dit(stack)
-    assert second["state_type"] == "COMPLETED"
-    assert stack["files"].count("/images.tar.gz") == before == 1
+    assert (second["state_type"], second["state_name"]) == ("COMPLETED", "Unchanged")
+    took = (_iso(second["end_time"]) - _iso(second["start_time"])).total_seconds()
+    print(f"unchanged run: {took:.1f} s from start to end")
+    assert took < 60  # seconds of imports and one HEAD; a retraining takes minutes here
+    assert stack["files"].count("/images.tar.gz") == gets == 1
+    assert [r.status for r in stack["files"].requests[heads:]] == [304]
+    assert _champion(stack, "dit", "dit") == champion
+
+    # Forced, with a config that makes the model worse (1 step): kept as a challenger.
+    third = _run_dit(stack, force=True, dit={"preset": "cpu-tiny", "overrides": {"steps": 1}})
+    assert (third["state_type"], third["state_name"]) == ("COMPLETED", "Challenger")
+    assert "regressed on generator." in third["state"]["message"]
+    assert _champion(stack, "dit", "dit") == champion
 
     # The Prefect UI, in headless Chromium: the run's task runs and artifacts are on its page, and
     # the evaluation report's inline pictures render.
     shots = _check_ui(f"http://127.0.0.1:{stack['port']}", first["id"], report["id"])
     print("UI screenshots:", *map(str, shots))
+
+
+def _iso(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
 def test_a_missing_chromium_fails_with_the_command_that_installs_it(monkeypatch):

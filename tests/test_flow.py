@@ -34,7 +34,7 @@ PREFECT_YAML = yaml.safe_load((REPO / "prefect.yaml").read_text())
 def test_parameters_render_as_a_form_with_descriptions_and_bounds():
     schema = train_cats.parameters.model_dump()
     assert list(schema["properties"]) == [
-        "dataset", "models", "classifier", "dit", "compute", "evaluation"]  # fmt: skip
+        "dataset", "models", "classifier", "dit", "compute", "evaluation", "force"]  # fmt: skip
     definitions = schema["definitions"]
     for name in ("DatasetSpec", "TrainingParams", "ComputeParams", "EvaluationParams"):
         for field, spec in definitions[name]["properties"].items():
