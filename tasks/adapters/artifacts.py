@@ -255,7 +255,7 @@ def _publish_metrics_and_summary(report: Report, read: Callable[[str], bytes]) -
         description=f"Evaluation metrics, dataset {report.dataset.version}",
     )
     summary = render_markdown(report)
-    for name in ("grid", "confusion_png"):
+    for name in ("grid", "confusion_png", "memorisation_scatter", "memorisation_pairs"):
         if name in report.files:
             relative = report.files[name]
             try:
