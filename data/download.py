@@ -55,7 +55,7 @@ from data.dataset import (
     read_manifest,
     sha256_file,
 )
-from data.errors import DATASET_FLAGS, DatasetError, TransientError, in_flags
+from data.errors import DATASET_FLAGS, DatasetError, OneLineParser, TransientError, in_flags
 from data.fetch import Archive, fetch
 from data.pack import MAX_PIXELS, RESIZE_METHOD, Packed, decode_all, default_workers, pack
 from data.staging import LOCKS_DIR, TRASH_DIR, new_staging, sweep, version_lock
@@ -252,7 +252,7 @@ def _log_summary(manifest: Manifest, decoded: int, fetch_s: float, decode_s: flo
 
 def _parser() -> argparse.ArgumentParser:
     fields = DatasetSpec.model_fields
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python data/download.py",
         description=__doc__.split("\n\n")[0],
         epilog=(

@@ -8,9 +8,11 @@ They split into two families so that callers can choose a retry policy by type a
 
 from __future__ import annotations
 
+import argparse
 import re
 import sys
 import traceback
+import typing
 from collections.abc import Mapping
 
 # What the data layer's messages call the spec's fields, as a flow deployment's user sets them;
@@ -98,3 +100,11 @@ def print_error(
     if verbose:
         traceback.print_exception(exc)
     print(f"{prefix}{in_flags(one_line(exc), flags or {})}", file=sys.stderr)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors (an unknown flag, a bad choice, a missing value) end
+    on one line with the way to the full usage, instead of the usage block and then the error."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

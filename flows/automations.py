@@ -21,7 +21,6 @@ server's triggers and actions services evaluate it (both on by default in `prefe
 
 from __future__ import annotations
 
-import argparse
 import sys
 from datetime import timedelta
 from uuid import UUID
@@ -31,6 +30,8 @@ from prefect.blocks.notifications import CustomWebhookNotificationBlock
 from prefect.events.actions import SendNotification
 from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
 from prefect.exceptions import ObjectNotFound
+
+from data.errors import OneLineParser
 
 FLOW_NAME = "train-cats"
 AUTOMATION_NAME = "train-cats: failed or crashed runs"
@@ -120,7 +121,7 @@ def apply(block_document_id: UUID) -> UUID:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m flows.automations",
         description="Create or update the automation that notifies on failed or crashed runs "
         "of the train-cats deployments (server: PREFECT_API_URL).",

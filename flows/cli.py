@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from data.errors import DATASET_FLAGS, DatasetError, in_flags, print_error
+from data.errors import DATASET_FLAGS, DatasetError, OneLineParser, in_flags, print_error
 from flows.parameters import FlowParameters, modal_credentials_may_exist, plan
 from tasks.configs import MODELS
 
@@ -59,7 +59,7 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="train-cats",
         description="Run the train-cats flow in this process (ephemeral Prefect server). "
         "Parameters come from --deployment, then --params, then the flags below.",

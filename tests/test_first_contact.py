@@ -82,6 +82,15 @@ def test_help_is_fast_and_imports_neither_torch_nor_prefect(cli):
     assert ran.status == 0 and "--verbose" in ran.stdout
 
 
+@pytest.mark.parametrize("cli", [FLOW, DOWNLOAD, TRAIN_DIT, EVALUATE])
+def test_an_unknown_flag_is_one_line_pointing_at_help(cli):
+    ran = _fast([*cli, "--no-such-flag"])
+    assert ran.status == 2
+    (line,) = ran.stderr
+    assert "unrecognized arguments: --no-such-flag" in line or "required" in line, line
+    assert line.endswith("--help)"), line
+
+
 @pytest.mark.parametrize(
     ("cli", "status", "expected"),
     [

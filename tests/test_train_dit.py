@@ -319,7 +319,6 @@ def test_cli_help_and_bad_override():
     )
     # A usage error: status 2 and argparse's one-line message naming the field, no traceback.
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
-    # argparse prints the usage, then the error on its one last line, naming field and bound.
-    assert bad.stderr.strip().splitlines()[-1].endswith(
-        "error: steps: Input should be greater than or equal to 1"
-    )
+    # One line, naming field and bound.
+    (line,) = bad.stderr.strip().splitlines()
+    assert line.endswith("error: steps: Input should be greater than or equal to 1")

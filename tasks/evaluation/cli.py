@@ -12,12 +12,12 @@ import sys
 from collections.abc import Callable
 
 from data.dataset import load_ref
-from data.errors import DatasetError, print_error
+from data.errors import DatasetError, OneLineParser, print_error
 from tasks.evaluation.options import add_flags, from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m tasks.evaluate",
         description="Evaluate an exported classifier and/or DiT on the dataset's held-out split; "
         "write report.json, report.md and pictures into --out. The last stdout line is a JSON "

@@ -19,7 +19,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from data.dataset import load_ref
-from data.errors import DatasetError, print_error
+from data.errors import DatasetError, OneLineParser, print_error
 
 # Changing one of these on resume is allowed. `steps` and `time_budget_minutes` re-plan the LR
 # schedule from the resume point (so a run that changes them is no longer bit-identical to an
@@ -143,7 +143,7 @@ def build_parser(
     prog: str | None = None,
 ) -> argparse.ArgumentParser:
     """A parser with --dataset/--run-dir/--preset and one `--field-name` override per config field."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog=prog,
         description=description,
         usage="%(prog)s --dataset REF --run-dir DIR [--preset NAME] [--FIELD VALUE ...] [--verbose]",
