@@ -15,7 +15,7 @@ if __name__ == "__main__":  # the command line answers --help and bad flags befo
 
     sys.exit(main())
 
-from prefect import flow, get_run_logger
+from prefect import flow
 from prefect.states import Completed, State
 
 from data.dataset import DatasetSpec
@@ -36,7 +36,6 @@ from tasks.adapters.prefect_tasks import (
     train_classifier_task,
     train_dit_task,
 )
-from tasks.champions import find_judge
 from tasks.evaluation.history import default_deployment
 from tasks.train import build_config
 
@@ -69,7 +68,9 @@ def train_cats(
     deployment = evaluation.deployment or default_deployment()
     configs = {m: build_config(m, presets[m], training[m].overrides).model_dump() for m in models}
     governed = lifecycle.is_deployment_run()  # scheduled or `prefect deployment run` runs
-    check = lifecycle.check_for_changes(spec, configs, models, deployment, probe=governed)
+    check = lifecycle.check_for_changes(
+        spec, configs, models, deployment, probe=governed, backend=compute.backend
+    )
     lifecycle.publish_change_check(check, deployment, force)
     if governed and not check.changed and not force:
         return Completed(name="Unchanged", message="nothing changed since the champions")
@@ -101,7 +102,9 @@ def train_cats(
         results = {m: TRAIN_TASKS[m](**train[m]) for m in models}
     report, decisions = None, {}
     # A DiT trained alone is judged by a classifier champion that knows its classes, if any.
-    judge = None if "classifier" in models else find_judge(ref["classes"])
+    judge = None
+    if evaluation.enabled and "classifier" not in models:
+        judge = lifecycle.find_judge(ref["classes"], compute.backend)
     if evaluation.enabled:
         report = spend.bounded(evaluate_task, limits.get("evaluate"))(
             ref,
@@ -113,12 +116,10 @@ def train_cats(
             gpu=compute.gpu,
             max_queue_minutes=compute.max_queue_minutes,
         )
-    if report is not None and compute.backend == "modal":
-        get_run_logger().warning("promotion skipped: the reports are on the Modal runs volume")
-    elif report is not None:
+    if report is not None:  # where the reports are: here, or in a Modal container
         decisions = lifecycle.promote_models(
             deployment, {m: train[m]["run_name"] for m in models}, report["report_dir"], ref,
-            evaluation.options(), check, judge and judge.run_name,
+            evaluation.options(), check, judge and judge.run_name, compute.backend,
         )  # fmt: skip
     summary = {
         "dataset_version": ref["version"],

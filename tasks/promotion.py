@@ -8,19 +8,24 @@ and predictions score a DiT) and the same sample counts. When the champion's own
 any of these, the champion is evaluated again under the new run's conditions (`rejudge`) and
 compared with that. No regression: the new run becomes the champion (`tasks.champions`, an atomic
 pointer). Otherwise it stays a challenger, and the champion is untouched.
+
+`promote_runs(...)` does so for every model of one flow run, re-evaluating a champion with
+`tasks.evaluate.evaluate` when needed: the one entry point of the Prefect task (local backend) and
+of the Modal function `promote` (runs volume).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from tasks.champions import Champion, Kind, read_champion, write_champion
+from tasks.evaluation.options import EvalOptions
 from tasks.evaluation.report import Delta, Report, compare, load_report
-from tasks.paths import runs_root
+from tasks.paths import run_path, runs_root
 
 METRIC_PREFIX = {"classifier": "classifier.", "dit": "generator."}
 
@@ -35,6 +40,15 @@ class Decision:
     deltas: dict[str, Delta] = field(default_factory=dict)
     compared_with: str | None = None  # the champion report the deltas are against
     rejudged: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able (what the Modal function returns)."""
+        return {**asdict(self), "deltas": {k: d.model_dump() for k, d in self.deltas.items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Decision:
+        deltas = {k: Delta.model_validate(d) for k, d in data.get("deltas", {}).items()}
+        return cls(**{**data, "deltas": deltas})
 
 
 def unlike(current: Report, previous: Report, kind: str) -> list[str]:
@@ -126,3 +140,47 @@ def promote(
             )
         )
     return decision
+
+
+def promote_runs(
+    deployment: str,
+    run_names: dict[str, str],
+    report_dir: str | Path,
+    dataset: dict,
+    options: EvalOptions,
+    fingerprint: dict[str, Any],
+    judge: str | None = None,
+    flow_run_id: str | None = None,
+) -> dict[str, dict[str, Any]]:
+    """`promote` each model of one flow run (`run_names`: kind -> run name, evaluated together
+    into `report_dir` on `dataset` with `options`); returns each `Decision.to_dict()` by kind.
+
+    `judge`: the run name of the classifier champion that judged a DiT trained alone, used again
+    if the DiT champion must be re-evaluated like for like.
+    """
+    decisions = {}
+    for kind, run_name in sorted(run_names.items()):
+
+        def rejudge(champion: Champion, kind: str = kind) -> Path:
+            from tasks.evaluate import evaluate  # torch: only when a champion is re-evaluated
+
+            out = run_path(
+                f"{Path(report_dir).name}-champion-{kind}-{champion.run_name}".replace("/", "-")
+            )
+            judged_by = run_names.get("classifier") or judge
+            classifier = run_path(judged_by) if judged_by else None
+            if kind == "classifier":
+                classifier = champion.run_dir
+            dit = champion.run_dir if kind == "dit" else None
+            # Its own history key: a re-evaluation must never become the next run's "previous".
+            again = options.model_copy(
+                update={"deployment": f"{deployment}-rejudged", "overwrite": True, "previous": None}
+            )
+            report = evaluate(dataset, classifier=classifier, dit=dit, out=out, options=again)
+            return Path(report["report_dir"])
+
+        decision = promote(
+            deployment, kind, run_name, Path(report_dir), fingerprint, rejudge, flow_run_id
+        )  # type: ignore[arg-type]
+        decisions[kind] = decision.to_dict()
+    return decisions

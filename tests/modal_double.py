@@ -225,6 +225,12 @@ class ModalDouble:
         roots = {"train-cats-data": "TRAIN_CATS_DATA_DIR", "train-cats-runs": "TRAIN_CATS_RUNS_DIR"}
         return (Path(self.env[roots[volume]]) / path).read_bytes()  # FileNotFoundError, as Modal
 
+    def list_dir(self, volume: str, path: str) -> list[str]:
+        """Stands in for `modal_calls.list_volume_dir`: the names in a folder, [] when none."""
+        folder = Path(self.env["TRAIN_CATS_RUNS_DIR" if volume == "train-cats-runs" else
+                               "TRAIN_CATS_DATA_DIR"]) / path  # fmt: skip
+        return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
     def from_id(self, call_id: str) -> FakeCall:
         return next(c for c in self.calls if c.object_id == call_id)
 

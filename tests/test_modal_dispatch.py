@@ -145,7 +145,8 @@ def test_modal_backend_runs_each_step_remotely_with_volume_discipline(
 
     # Arguments: every step ran on Modal, on the requested GPU, with JSON-able arguments.
     by_name = {c.name: c for c in double.calls}
-    assert sorted(by_name) == ["ensure_dataset", "evaluate", "train_classifier", "train_dit"]
+    assert sorted(by_name) == [
+        "ensure_dataset", "evaluate", "promote", "train_classifier", "train_dit"]  # fmt: skip
     assert double.gpus["train_dit"] == double.gpus["train_classifier"] == "H100"
     # Bounded spend: a GPU call's timeout follows its config (cpu-tiny has no time budget: the
     # stated cap), and Modal retries nothing; the CPU-only ensure_dataset keeps its declaration.

@@ -7,12 +7,16 @@ and the promotion after it is evaluated (the logic: `tasks.fingerprint`, `tasks.
    with an artifact saying why. Only deployment runs check; `force` trains anyway.
 2. `promote_models`: each evaluated model becomes its deployment's champion only if it shows no
    regression against the champion, like for like; the `promotion` artifact shows the deltas.
+
+Both work where the backend keeps its runs: the local runs root, or on Modal the runs volume
+(`champions_of` reads the champion records from here; promotion runs in the Modal function
+`promote`, next to the reports).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -22,12 +26,13 @@ from prefect.runtime import flow_run
 
 from data.dataset import DatasetSpec
 from data.revision import source_revision
-from tasks.champions import Champion, read_champion
-from tasks.evaluate import evaluate
+from tasks.adapters import modal_calls
+from tasks.adapters.prefect_tasks import Backend
+from tasks.champions import CHAMPIONS_DIR, Champion, all_champions, champion_path, read_champion
 from tasks.evaluation.options import EvalOptions
 from tasks.fingerprint import changes, fingerprint
-from tasks.paths import run_path
-from tasks.promotion import Decision, promote
+from tasks.paths import RUNS_VOLUME, runs_root
+from tasks.promotion import Decision, promote_runs
 
 
 @dataclass
@@ -46,17 +51,54 @@ def is_deployment_run() -> bool:
     return this_deployment.get_id() is not None
 
 
+def champions_of(
+    backend: Backend, kind: str, deployments: list[str] | None = None
+) -> list[Champion]:
+    """The `kind` champions of `deployments` (None: of every deployment), newest promotion first,
+    from where `backend` keeps its runs: the local runs root, or the Modal runs volume (read from
+    this process: no container starts)."""
+    if backend == "local":
+        if deployments is None:
+            return all_champions(kind)
+        found = [read_champion(d, kind) for d in deployments]
+    else:
+        if deployments is None:
+            deployments = modal_calls.list_volume_dir(RUNS_VOLUME, CHAMPIONS_DIR)
+        found = [_volume_champion(d, kind) for d in deployments]
+    return sorted((c for c in found if c), key=lambda c: c.promoted_at, reverse=True)
+
+
+def _volume_champion(deployment: str, kind: str) -> Champion | None:
+    path = champion_path(deployment, kind).relative_to(runs_root()).as_posix()
+    try:
+        return Champion.model_validate_json(modal_calls.read_volume_file(RUNS_VOLUME, path))
+    except FileNotFoundError:
+        return None
+
+
+def find_judge(classes: list[str], backend: Backend) -> Champion | None:
+    """`tasks.champions.find_judge` among the champions where `backend` keeps them."""
+    wanted = set(classes)
+    return next((c for c in champions_of(backend, "classifier") if wanted <= set(c.classes)), None)
+
+
 @task(name="check_for_changes", task_run_name="check_for_changes · {deployment}")
 def check_for_changes(
-    spec: DatasetSpec, configs: dict[str, dict], models: list[str], deployment: str, probe: bool
+    spec: DatasetSpec,
+    configs: dict[str, dict],
+    models: list[str],
+    deployment: str,
+    probe: bool,
+    backend: Backend = "local",
 ) -> ChangeCheck:
-    """Fingerprint this run and compare it with `deployment`'s champions of `models`.
+    """Fingerprint this run and compare it with `deployment`'s champions of `models` (where
+    `backend` keeps them).
 
     `probe`: ask the source for its revision (one conditional request, or a local file's
     sha256); without it the revision stays unset, as for ad-hoc runs. Raises the data errors of
     `data.revision.source_revision` (an unreachable source fails here, before any work).
     """
-    champions = {m: read_champion(deployment, m) for m in models}
+    champions = {m: next(iter(champions_of(backend, m, [deployment])), None) for m in models}
     if probe:
         known = [c.fingerprint["dataset"].get("source_revision") for c in champions.values() if c]
         revision = source_revision(spec, known[0] if known else None)
@@ -100,38 +142,29 @@ def promote_models(
     options: EvalOptions,
     check: ChangeCheck,
     judge: str | None,
+    backend: Backend = "local",
 ) -> dict[str, Decision]:
-    """Promote each trained model that shows no regression; publish the `promotion` artifact.
+    """Promote each trained model that shows no regression (`tasks.promotion.promote_runs`, here
+    or in the Modal function `promote`, where the reports are); publish the `promotion` artifact.
 
     `judge`: the run name of the classifier that judged a DiT-only run, used again if the DiT
     champion must be re-evaluated like for like.
     """
-    logger = get_run_logger()
-    decisions = {}
-    for kind, run_name in sorted(run_names.items()):
-
-        def rejudge(champion: Champion, kind: str = kind) -> Path:
-            out = run_path(
-                f"{Path(report_dir).name}-champion-{kind}-{champion.run_name}".replace("/", "-")
-            )
-            classifier = champion.run_dir if kind == "classifier" else _judge_dir(run_names, judge)
-            dit = champion.run_dir if kind == "dit" else None
-            # Its own history key: a re-evaluation must never become the next run's "previous".
-            again = options.model_copy(
-                update={"deployment": f"{deployment}-rejudged", "overwrite": True, "previous": None}
-            )
-            return Path(
-                evaluate(dataset, classifier=classifier, dit=dit, out=out, options=again)[
-                    "report_dir"
-                ]
-            )
-
-        decision = promote(
-            deployment, kind, run_name, Path(report_dir), check.fingerprint, rejudge,
+    if backend == "modal":
+        found = modal_calls.run_on_modal(
+            "promote", deployment=deployment, run_names=json.dumps(run_names),
+            report_dir=report_dir, dataset=json.dumps(dataset), options=options.model_dump_json(),
+            fingerprint=json.dumps(check.fingerprint), judge=judge or "",
+            flow_run_id=flow_run.get_id() or "",
+        )  # fmt: skip
+    else:
+        found = promote_runs(
+            deployment, run_names, report_dir, dataset, options, check.fingerprint, judge,
             flow_run.get_id(),
         )  # fmt: skip
-        decisions[kind] = decision
-        logger.info(
+    decisions = {kind: Decision.from_dict(d) for kind, d in found.items()}
+    for kind, decision in decisions.items():
+        get_run_logger().info(
             "%s %s: %s", kind, "promoted" if decision.promoted else "kept as challenger",
             decision.reason,
         )  # fmt: skip
@@ -140,11 +173,6 @@ def promote_models(
         description=f"Champion decisions of {deployment}",
     )  # fmt: skip
     return decisions
-
-
-def _judge_dir(run_names: dict[str, str], judge: str | None) -> Path | None:
-    name = run_names.get("classifier") or judge
-    return run_path(name) if name else None
 
 
 def _promotion_markdown(deployment: str, decisions: dict[str, Decision]) -> str:

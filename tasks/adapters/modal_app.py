@@ -2,14 +2,15 @@
 
 Every function here only translates arguments and storage paths, then calls the same plain function
 that runs in-process on the local backend (``data.download.ensure``, ``tasks.train_*``,
-``tasks.evaluate``). Storage follows one rule: a reader ``reload()``s a volume before reading it and
+``tasks.evaluate``, ``tasks.promotion``). Storage follows one rule: a reader ``reload()``s a volume before reading it and
 a writer ``commit()``s it after writing, so that the next container sees the result.
 
 Layout of the volumes (the image sets ``TRAIN_CATS_DATA_DIR``/``TRAIN_CATS_RUNS_DIR`` to the mount
 points, so the plain functions resolve the same paths as locally):
 
 - ``train-cats-data`` at ``/data``: one folder per published dataset version.
-- ``train-cats-runs`` at ``/runs``: ``<run name>/{classifier,dit,report}`` per flow run.
+- ``train-cats-runs`` at ``/runs``: ``<run name>/{classifier,dit,report}`` per flow run, and the
+  champion records, ``champions/<deployment>/<kind>.json``.
 
 Two Modal Dicts carry what must not wait for a volume commit: ``train-cats-progress`` holds each
 training's newest progress row under its run name (the flow shows it within seconds), and
@@ -53,6 +54,7 @@ from tasks.paths import (
     RUNS_VOLUME,
     run_path,
 )
+from tasks.promotion import promote_runs
 from tasks.train import TRAINERS, build_config, train
 
 DATA_MOUNT = PurePosixPath("/data")
@@ -79,6 +81,13 @@ TRAIN_TIMEOUT_S = max(
 # rescheduled by Modal too (guide/retries); training then resumes from the newest checkpoint
 # committed to the runs volume. The flow retries a step once more only after an infrastructure
 # failure that reached the client (`modal.exception.InternalFailure`, tasks/adapters/limits.py).
+# Promotion compares two report.json files, in seconds, so it needs no GPU. Only when the champion's
+# report is not like for like (a new data revision, a new judge) does it evaluate the champion again,
+# on this container's CPUs (minutes for the gpu presets' sample counts): rare, and billed at CPU
+# prices (cents an hour), so the GPU spend bound (tasks/adapters/limits.py) stays exact. Bounded
+# like the evaluation, and, like every function here, no `retries=`.
+PROMOTE_CPUS = 8.0
+PROMOTE_TIMEOUT_S = limits.EVALUATION_TIMEOUT_S
 # A running training commits its checkpoints at most this often, so a restart finds them.
 COMMIT_EVERY_S = 300.0
 # A training puts its newest progress row in the progress Dict at most this often (and always
@@ -353,3 +362,38 @@ def evaluate(
     report = evaluate_runs(load_ref(dataset), out, classifier or None, dit or None, opts)
     runs_volume.commit()
     return report
+
+
+@app.function(
+    image=image,
+    volumes={DATA_MOUNT: data_volume, RUNS_MOUNT: runs_volume},
+    cpu=PROMOTE_CPUS,
+    timeout=PROMOTE_TIMEOUT_S,
+)
+def promote(
+    deployment: str,
+    run_names: str,
+    report_dir: str,
+    dataset: str,
+    options: str,
+    fingerprint: str,
+    judge: str = "",
+    flow_run_id: str = "",
+) -> dict:
+    """Promote the runs of one flow run to ``deployment``'s champions (``champions/`` on
+    ``/runs``) where their report (``report_dir``) shows no regression; returns the decisions.
+
+    ``run_names``/``dataset``/``fingerprint`` are JSON (kind -> run name, the DatasetRef, the run's
+    fingerprint), ``options`` the EvalOptions JSON; ``judge`` the classifier run that judged a DiT
+    trained alone (empty: none). See ``tasks.promotion.promote_runs``.
+    """
+    _configure_logging()
+    data_volume.reload()  # a champion re-evaluated like for like needs the data set
+    runs_volume.reload()
+    decisions = promote_runs(
+        deployment, json.loads(run_names), report_dir, json.loads(dataset),
+        EvalOptions.model_validate_json(options), json.loads(fingerprint), judge or None,
+        flow_run_id or None,
+    )  # fmt: skip
+    runs_volume.commit()
+    return decisions

@@ -143,6 +143,19 @@ def read_volume_file(volume: str, path: str) -> bytes:
     return b"".join(modal.Volume.from_name(volume).read_file(path))
 
 
+def list_volume_dir(volume: str, path: str) -> list[str]:
+    """The names in folder ``path`` (relative to the volume root) of the named volume; [] when
+    there is no such folder."""
+    import modal
+    import modal.exception
+
+    try:
+        entries = modal.Volume.from_name(volume).listdir(path)
+    except (FileNotFoundError, modal.exception.NotFoundError):
+        return []
+    return sorted(entry.path.rstrip("/").rsplit("/", 1)[-1] for entry in entries)
+
+
 def modal_dict(name: str) -> Any:
     """The named Modal Dict (``modal.Dict.from_name``), created if missing."""
     import modal
