@@ -260,8 +260,9 @@ def test_modal_evaluation_publishes_grid_and_confusion_matrix(modal, oxford_mini
     assert [c.name for c in modal.calls] == ["evaluate"]
     by_key = {a.key: a for a in _artifacts(run_id)}
     markdown = by_key["remote-eval-report"].data
-    # Both pictures inline, as the local path does; nothing links to the container's paths.
-    assert markdown.count("data:image/png;base64,") == 2, markdown[:500]
+    # The grid, confusion matrix and both memorisation pictures inline, as the local path does;
+    # nothing links to the container's paths.
+    assert markdown.count("data:image/png;base64,") == 4, markdown[:500]
     assert "](samples_grid.png)" not in markdown
     rows = json.loads(by_key["remote-eval-metrics"].data)
     assert {r["metric"] for r in rows} >= set(result["metrics"])
