@@ -95,11 +95,14 @@ def all_champions(kind: str) -> list[Champion]:
     return sorted(found, key=lambda c: c.promoted_at, reverse=True)
 
 
-def find_judge(classes: list[str]) -> Champion | None:
-    """The newest classifier champion, of any deployment, whose classes cover `classes` (so that
-    it can judge a DiT trained on them), or None."""
+def find_judge(classes: list[str], candidates: list[Champion] | None = None) -> Champion | None:
+    """The newest classifier champion whose classes cover `classes` (so that it can judge a DiT
+    trained on them), or None: among `candidates`, default every deployment's under the local
+    runs root."""
     wanted = set(classes)
-    return next((c for c in all_champions("classifier") if wanted <= set(c.classes)), None)
+    pool = all_champions("classifier") if candidates is None else candidates
+    newest_first = sorted(pool, key=lambda c: c.promoted_at, reverse=True)
+    return next((c for c in newest_first if wanted <= set(c.classes)), None)
 
 
 def resolve(path_or_champion: str | Path, kind: str) -> Path:

@@ -26,6 +26,7 @@ from prefect.runtime import flow_run
 
 from data.dataset import DatasetSpec
 from data.revision import source_revision
+from tasks import champions
 from tasks.adapters import modal_calls
 from tasks.adapters.prefect_tasks import Backend
 from tasks.champions import CHAMPIONS_DIR, Champion, all_champions, champion_path, read_champion
@@ -78,8 +79,7 @@ def _volume_champion(deployment: str, kind: str) -> Champion | None:
 
 def find_judge(classes: list[str], backend: Backend) -> Champion | None:
     """`tasks.champions.find_judge` among the champions where `backend` keeps them."""
-    wanted = set(classes)
-    return next((c for c in champions_of(backend, "classifier") if wanted <= set(c.classes)), None)
+    return champions.find_judge(classes, champions_of(backend, "classifier"))
 
 
 @task(name="check_for_changes", task_run_name="check_for_changes · {deployment}")
