@@ -25,13 +25,15 @@ import sys
 from datetime import timedelta
 from uuid import UUID
 
+import httpx
 from prefect import get_client
 from prefect.blocks.notifications import CustomWebhookNotificationBlock
 from prefect.events.actions import SendNotification
 from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
 from prefect.exceptions import ObjectNotFound
+from prefect.settings import PREFECT_API_URL
 
-from data.errors import OneLineParser
+from data.errors import OneLineParser, print_error
 
 FLOW_NAME = "train-cats"
 AUTOMATION_NAME = "train-cats: failed or crashed runs"
@@ -136,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         help="a saved notification block, <block type>/<name>, e.g. slack-webhook/train-cats-alerts"
         f" (default: {DEFAULT_BLOCK})",
     )
+    parser.add_argument("--verbose", action="store_true", help="full tracebacks on errors")
     args = parser.parse_args(argv)
     try:
         if args.webhook_url:
@@ -146,6 +149,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except httpx.HTTPError as exc:  # no server there (or it failed): one line, the way out
+        print_error(
+            f"python -m flows.automations: error: the Prefect API at {PREFECT_API_URL.value()} "
+            "did not answer (start `prefect server start` and set PREFECT_API_URL): ",
+            exc,
+            args.verbose,
+        )
+        return 1
     print(f"automation {AUTOMATION_NAME!r} ({automation_id}) notifies through block {block}")
     return 0
 

@@ -71,7 +71,7 @@ def train_cats(
     check = lifecycle.check_for_changes(
         spec, configs, models, deployment, probe=governed, backend=compute.backend
     )
-    lifecycle.publish_change_check(check, deployment, force)
+    lifecycle.publish_change_check(check, deployment, force, governed)
     if governed and not check.changed and not force:
         return Completed(name="Unchanged", message="nothing changed since the champions")
     spec = check.spec

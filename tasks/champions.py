@@ -120,7 +120,8 @@ def resolve(path_or_champion: str | Path, kind: str) -> Path:
     if champion is None:
         raise FileNotFoundError(
             f"deployment {deployment!r} has no {kind} champion yet "
-            f"({champion_path(deployment, kind)}): run `prefect deployment run "
-            f"train-cats/{deployment}` once, or pass an export folder"
+            f"({champion_path(deployment, kind)}): run a deployment that trains a {kind} once "
+            f"(e.g. `train-cats --deployment {'dit' if kind == 'dit' else 'classifier'}`), or "
+            "pass an export folder"
         )
     return champion.run_dir

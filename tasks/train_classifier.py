@@ -1,4 +1,4 @@
-"""Train an image classifier (species or breed) on a packed dataset; export and load it.
+"""Train an image classifier (species or breed) on a packed dataset; export it (load it with `tasks.exported.load_classifier`).
 
 `train_classifier(config, dataset, run_dir)` is the unit of work that the command line, the Prefect
 task and the Modal function all call. The loop, in order: draw a batch from the packed cache,

@@ -1,4 +1,4 @@
-"""Train a class-conditional DiT with flow matching on a packed dataset; export, load and sample it.
+"""Train a class-conditional DiT with flow matching on a packed dataset; export it.
 
 `train_dit(config, dataset, run_dir)` is the unit of work that the command line, the Prefect task
 and the Modal function all call. The loop, in order: draw a batch from the packed cache, flip it,
@@ -9,8 +9,8 @@ sample grid every `sample_every` steps, checkpoint every `ckpt_every_steps` step
 With `time_budget_minutes` the step count is planned from measured throughput (`tasks.training.budget`)
 and the LR schedule, the EMA window and the checkpoint cadence follow that plan.
 
-The export is `model.safetensors` (EMA weights) + `config.json`; `load_dit` rebuilds the model from
-them alone and `sample` turns class names into images in [0, 1].
+The export is `model.safetensors` (EMA weights) + `config.json`; `tasks.exported.load_dit`
+rebuilds the model from them alone and `sample` turns class names into images in [0, 1].
 
     python -m tasks.train_dit --dataset <ref.json|folder> --run-dir runs/dit --preset cpu-small
 """

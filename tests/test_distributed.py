@@ -166,7 +166,7 @@ def test_a_killed_rank_fails_the_job_quickly_and_the_retry_resumes(
     print(f"job failed {took:.1f} s after the kill")
     for pid in ranks:  # neither rank outlives the job
         assert not Path(f"/proc/{pid}").exists()
-    saved = int(list_checkpoints(run_dir)[-1].name[5:14])
+    saved = int(list_checkpoints(run_dir)[0].name[5:14])  # newest first
     retry = train_dit(
         _config(world_size=2, steps=saved + 2, ckpt_every_steps=5), oxford_mini_species_ref, run_dir
     )

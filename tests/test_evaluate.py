@@ -300,7 +300,7 @@ def test_prefect_flow_run_gets_table_markdown_and_link_artifacts(exports, tmp_pa
     assert {r["metric"] for r in rows} >= set(summary["metrics"])
     markdown = by_key["ui-eval-report"]
     assert markdown.type == "markdown"
-    assert markdown.data.count("data:image/png;base64,") == 2
+    assert markdown.data.count("data:image/png;base64,") == 4  # grid, confusion, memorisation x2
     # Prefect stores a link artifact as markdown "[text](link)".
     for key, path in (("ui-eval-report-json", "report_json"), ("ui-eval-report-md", "report_md")):
         assert f"]({Path(summary[path]).as_uri()})" in by_key[key].data

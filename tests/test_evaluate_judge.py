@@ -144,10 +144,11 @@ def test_without_a_judge_the_report_says_how_to_get_one(judge_and_dit, tmp_path,
     ref, _, dit, _ = judge_and_dit
     summary = evaluate(ref, None, dit, tmp_path / "r", **FAST)
     reason = summary["not_computed"]["generator.conditional_accuracy"]
-    assert "run `prefect deployment run train-cats/classifier` once" in reason
+    assert "`prefect deployment run train-cats/classifier`" in reason
+    assert "`train-cats --deployment classifier`" in reason
     assert "train-cats/classifier" in summary["not_computed"]["generator.copy_fraction.features"]
     assert "generator.copy_fraction.pixel" in summary["metrics"]  # pixels need no judge
     assert (
-        "run `prefect deployment run train-cats/classifier` once"
+        "train the classifier deployment once"
         in Path(summary["report_md"]).read_text()
     )

@@ -10,6 +10,7 @@ a real HTTP server on 127.0.0.1.
 from __future__ import annotations
 
 import inspect
+import os
 import subprocess
 import sys
 import time
@@ -263,3 +264,14 @@ def test_the_cli_validates_the_flows_parameters_as_the_flow_declares_them():
         default = signature[name].default
         plain = default.model_dump() if hasattr(default, "model_dump") else default
         assert defaults[name] == plain, name
+
+
+def test_the_automation_command_without_a_server_ends_on_one_line():
+    env = {**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api"}  # nothing listens on 9
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.automations", "--webhook-url", "http://127.0.0.1:9/hook"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 1
+    (line,) = done.stderr.strip().splitlines()
+    assert "did not answer (start `prefect server start`" in line and "127.0.0.1:9" in line

@@ -72,6 +72,9 @@ def test_loss_falls_and_run_exports_everything(trained, oxford_mini_species_ref)
     assert [p.name for p in list_checkpoints(run_dir)] == ["step_000000030.pt", "step_000000015.pt"]
     config = json.loads((run_dir / "config.json").read_text())
     assert config["classes"] == ["cat", "other"] and config["image_size"] == 32
+    # Readable by whoever can read the config (safetensors alone would write 0600).
+    modes = {(run_dir / name).stat().st_mode & 0o777 for name in ("config.json", "model.safetensors")}
+    assert len(modes) == 1, modes
     assert config["arch"]["num_classes"] == 2 and config["arch"]["patch_size"] == 4
     # One row per class, samples_per_class columns of 32 px tiles with 1 px padding.
     grid = Image.open(result["files"]["samples"])

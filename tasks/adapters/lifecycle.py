@@ -114,14 +114,24 @@ def _changes(current: dict[str, Any], champion: Champion | None, model: str) -> 
     return changes(current, champion.fingerprint)
 
 
-def publish_change_check(check: ChangeCheck, deployment: str, force: bool) -> None:
-    """A markdown artifact (key `change-check`) and a log line: why this run trains or not."""
+def publish_change_check(
+    check: ChangeCheck, deployment: str, force: bool, governed: bool = True
+) -> None:
+    """A markdown artifact (key `change-check`) and a log line: why this run trains or not.
+    `governed`: a deployment run, which an unchanged fingerprint skips; an in-process run of the
+    command line always trains."""
     if check.changed:
         verdict = "retrains: " + "; ".join(check.changed)
     elif force:
         verdict = "retrains because force=true, although nothing changed"
+    elif not governed:
+        verdict = "trains: an in-process run always does (only deployment runs skip), although "
+        verdict += "nothing changed since the champions"
     else:
-        verdict = "is skipped: nothing changed since the champions (pass force=true to retrain)"
+        verdict = (
+            "is skipped: nothing changed since the champions (retrain with force=true: "
+            "`--param force=true` on `prefect deployment run`)"
+        )
     get_run_logger().info("deployment %s %s", deployment, verdict)
     lines = "\n".join(f"- {line}" for line in check.changed) or "- nothing"
     create_markdown_artifact(

@@ -58,7 +58,8 @@ GENERATOR_KEYS = (
 )
 # Where a judge comes from: the `classifier` deployment's champion (tasks.champions.find_judge).
 GET_A_JUDGE = (
-    "run `prefect deployment run train-cats/classifier` once (its champion judges later dit runs)"
+    "train the classifier deployment once (`prefect deployment run train-cats/classifier`, or "
+    "in-process `train-cats --deployment classifier`): its champion judges later dit runs"
 )
 
 

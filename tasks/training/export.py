@@ -51,6 +51,9 @@ def write_export(
         # safetensors refuses tensors that share storage; clone makes each one its own.
         save_file({k: v.clone() for k, v in weights.items()}, str(staging / WEIGHTS))
         (staging / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        # safetensors writes its file 0600; give it the umask's mode, as the config has, so that
+        # the others who read a shared runs folder can load the weights too.
+        os.chmod(staging / WEIGHTS, (staging / CONFIG).stat().st_mode & 0o777)
         for name in (WEIGHTS, CONFIG):
             with open(staging / name, "rb") as fh:
                 os.fsync(fh.fileno())
