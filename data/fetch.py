@@ -255,16 +255,7 @@ def _download(
         try:
             received, complete, cut = _stream_once(url, part, label, offset, timeout, or_hint)
         except (requests.ConnectionError, requests.Timeout) as exc:
-            if host_unknown(exc):
-                raise HostNotFoundError(
-                    f"cannot resolve the host {urlparse(url).hostname!r} of {url} (this machine "
-                    f"is offline, or the URL has a typo); check the URL{or_hint}"
-                ) from exc
-            # Refused/reset connections, temporary DNS failures and timeouts before the body.
-            raise SourceUnreachableError(
-                f"cannot reach {urlparse(url).netloc} to download {url}: {exc}. "
-                f"Check the network{or_hint}"
-            ) from exc
+            raise connection_error(exc, url, "download", or_hint) from exc
         if complete:
             return
         if resume and received > 0 and resumes < MAX_RESUMES:
@@ -279,6 +270,20 @@ def _download(
         raise TruncatedDownloadError(
             f"the download of {url} was cut off at {size} bytes ({why}){kept}"
         )
+
+
+def connection_error(exc: BaseException, url: str, doing: str, or_hint: str) -> Exception:
+    """The data error for a request to `url` (made to `doing` it) that got no answer:
+    HostNotFoundError when DNS says the name does not exist, else SourceUnreachableError
+    (refused/reset connections, temporary DNS failures, timeouts: worth a retry)."""
+    if host_unknown(exc):
+        return HostNotFoundError(
+            f"cannot resolve the host {urlparse(url).hostname!r} of {url} (this machine "
+            f"is offline, or the URL has a typo); check the URL{or_hint}"
+        )
+    return SourceUnreachableError(
+        f"cannot reach {urlparse(url).netloc} to {doing} {url}: {exc}. Check the network{or_hint}"
+    )
 
 
 def host_unknown(exc: BaseException) -> bool:

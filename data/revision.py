@@ -17,8 +17,8 @@ from urllib.parse import urlparse
 import requests
 
 from data.dataset import DatasetSpec, local_path
-from data.errors import HostNotFoundError, SourceNotFoundError, SourceUnreachableError
-from data.fetch import CONNECT_TIMEOUT_S, SOURCE_HINT, host_unknown, raise_for_status
+from data.errors import SourceNotFoundError
+from data.fetch import CONNECT_TIMEOUT_S, SOURCE_HINT, connection_error, raise_for_status
 
 ETAG, LAST_MODIFIED, SHA256 = "etag:", "last-modified:", "sha256:"
 
@@ -80,9 +80,4 @@ def _ask(url: str, headers: dict[str, str], timeout_s: float) -> tuple[requests.
                     return response, made
         return response, made
     except (requests.ConnectionError, requests.Timeout) as exc:
-        host = urlparse(url).hostname
-        if host_unknown(exc):
-            raise HostNotFoundError(
-                f"cannot resolve the host {host!r} of {url} (offline, or a typo); {SOURCE_HINT}"
-            ) from exc
-        raise SourceUnreachableError(f"cannot reach {host!r} to check {url}: {exc}") from exc
+        raise connection_error(exc, url, "check", f", or {SOURCE_HINT}") from exc

@@ -24,7 +24,7 @@ from typing import Any
 
 from tasks.champions import Champion, Kind, read_champion, write_champion
 from tasks.evaluation.options import EvalOptions
-from tasks.evaluation.report import Delta, Report, compare, load_report
+from tasks.evaluation.report import Delta, Report, compare, judge_identity, load_report
 from tasks.paths import run_path, runs_root
 
 METRIC_PREFIX = {"classifier": "classifier.", "dit": "generator."}
@@ -59,16 +59,11 @@ def unlike(current: Report, previous: Report, kind: str) -> list[str]:
     if current.dataset.classes != previous.dataset.classes:
         reasons.append("other dataset classes")
     if kind == "dit":
-        if _judge(current) != _judge(previous):
+        if judge_identity(current) != judge_identity(previous):
             reasons.append("another judge")
         if _sampling(current) != _sampling(previous):
             reasons.append("other sample counts or sampler")
     return reasons
-
-
-def _judge(report: Report) -> tuple[str, str] | None:
-    c = report.classifier
-    return None if c is None else (c.weights_sha256, c.config_sha256)
 
 
 def _sampling(report: Report) -> tuple[dict | None, Any]:

@@ -165,7 +165,7 @@ def compare(
                 f"the previous report's {kind} was trained with another config ({changed}): "
                 "deltas mix the recipe change with run-to-run variation"
             )
-    if current.dit and _judge(previous) != _judge(current):
+    if current.dit and judge_identity(previous) != judge_identity(current):
         notes.append(
             "the previous report judged the DiT with another classifier (its weights or "
             "config.json differ): conditional accuracy, FD, KID and precision/recall in "
@@ -188,7 +188,7 @@ def _config_changes(before: ModelIdentity | None, after: ModelIdentity | None) -
     return ", ".join(f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in fields)
 
 
-def _judge(report: Report) -> tuple[str, str] | None:
+def judge_identity(report: Report) -> tuple[str, str] | None:
     """The hashes of the classifier whose features and predictions judged the samples."""
     c = report.classifier
     return None if c is None else (c.weights_sha256, c.config_sha256)
