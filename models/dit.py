@@ -1,8 +1,8 @@
 """Class-conditional Diffusion Transformer (DiT) that predicts a flow-matching velocity.
 
 After Peebles & Xie, "Scalable Diffusion Models with Transformers", ICCV 2023 (arXiv:2212.09748),
-and laid out like the reference facebookresearch/DiT ``models.py``: embedding layers, the block,
-the final layer, the model, then the named configs in one table.
+and laid out like the reference facebookresearch/DiT ``models.py``: the model, then the named
+configs in one table; its embedding layers, block and final layer live in ``models/blocks.py``.
 
 Differences from the reference, each deliberate:
 - pixels in, velocity out: ``out_channels == in_channels`` (no learned sigma, no VAE latents);
@@ -18,207 +18,40 @@ Optional additions for pixel-space training at small compute, all off by default
   Transformers See Better", §3), giving the patches local features instead of raw pixels;
 - U-ViT long skips between shallow and deep blocks (Bao et al. 2023, "All are Worth Words: A ViT
   Backbone for Diffusion Models", §3.1), which the U-ViT ablations found essential in pixel space;
-- a 3x3 convolution after unpatchify (U-ViT §3.1), smoothing the seams between patches.
+- a 3x3 convolution after unpatchify (U-ViT §3.1), smoothing the seams between patches;
+- LightningDiT's block details, RMSNorm, SwiGLU and 2-D RoPE (``models/blocks.py``);
+- x-prediction with a velocity output (Li & He 2025, see ``DiT``'s ``prediction``).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from models.blocks import (
+    DiTBlock,
+    FinalLayer,
+    LabelEmbedder,
+    MlpKind,
+    Norm,
+    Rope2D,
+    TimestepEmbedder,
+    get_2d_sincos_pos_embed,
+    modulate,
+)
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN modulation: ``x * (1 + scale) + shift`` per sample.
-
-    x: (B, T, D); shift, scale: (B, D). Returns (B, T, D), same dtype as ``x``.
-    """
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
-
-
-#################################################################################
-#               Embedding Layers for Timesteps and Class Labels                 #
-#################################################################################
-
-
-class TimestepEmbedder(nn.Module):
-    """Embeds scalar times into vectors: sinusoidal features, then a 2-layer MLP (DiT §3.2).
-
-    Args:
-        hidden_size: output width D.
-        frequency_embedding_size: number of sinusoidal features (even).
-        time_scale: factor applied to ``t`` before the sinusoids. Our ``t`` lives in [0, 1];
-            1000 maps it onto the 0..999 range the DiT frequencies were designed for, so the
-            highest frequency still resolves small differences in ``t``.
-    """
-
-    def __init__(
-        self, hidden_size: int, frequency_embedding_size: int = 256, time_scale: float = 1000.0
-    ):
-        super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
-            nn.SiLU(),
-            nn.Linear(hidden_size, hidden_size, bias=True),
-        )
-        self.frequency_embedding_size = frequency_embedding_size
-        self.time_scale = time_scale
-
-    @staticmethod
-    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-        """Sinusoidal embedding (Vaswani et al. 2017 §3.5) of ``t``: (B,) float -> (B, dim) float32."""
-        half = dim // 2
-        freqs = torch.exp(
-            -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
-        )
-        args = t[:, None].float() * freqs[None]
-        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-        if dim % 2:
-            embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
-        return embedding
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        """t: (B,) float in [0, 1] -> (B, D)."""
-        t_freq = self.timestep_embedding(t * self.time_scale, self.frequency_embedding_size)
-        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
-
-
-class LabelEmbedder(nn.Module):
-    """Embeds class labels into vectors, with label dropout for classifier-free guidance.
-
-    The table has ``num_classes + 1`` rows when ``dropout_prob > 0``; the extra row, index
-    ``num_classes``, is the learned null ("unconditional") class (Ho & Salimans 2022 §3.2;
-    DiT §3.2 "Classifier-free guidance").
-
-    Args:
-        num_classes: number of real classes N >= 1; labels are 0..N-1, and N means "no class".
-        hidden_size: output width D.
-        dropout_prob: probability, during training, of replacing a label by the null class.
-    """
-
-    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
-        super().__init__()
-        use_cfg_embedding = dropout_prob > 0
-        self.embedding_table = nn.Embedding(num_classes + use_cfg_embedding, hidden_size)
-        self.num_classes = num_classes
-        self.dropout_prob = dropout_prob
-
-    def token_drop(
-        self, labels: torch.Tensor, force_drop_ids: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Replace labels by the null class, at random (``dropout_prob``) or where ``force_drop_ids``.
-
-        labels: (B,) int64; force_drop_ids: (B,) bool or 0/1, True/1 = drop. Returns (B,) int64.
-        The random draw uses torch's global RNG on ``labels.device``.
-        """
-        if force_drop_ids is None:
-            drop_ids = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
-        else:
-            drop_ids = force_drop_ids.to(device=labels.device, dtype=torch.bool)
-        return torch.where(drop_ids, self.num_classes, labels)
-
-    def forward(
-        self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """labels: (B,) int64 in [0, num_classes] -> (B, D)."""
-        use_dropout = self.dropout_prob > 0
-        if (train and use_dropout) or (force_drop_ids is not None):
-            labels = self.token_drop(labels, force_drop_ids)
-        return self.embedding_table(labels)
+__all__ = ["DIT_CONFIGS", "DiT", "dit_from_config", "get_2d_sincos_pos_embed", "modulate"]
+PREDICTIONS = ("velocity", "x")
+# x-prediction divides by t: below this the division is clamped (Li & He 2025 §4 clip 1 - t at
+# 0.05 in their convention, where t = 1 is data; here t = 0 is).
+X_PREDICTION_T_MIN = 0.05
 
 
 #################################################################################
 #                                 Core DiT Model                                #
 #################################################################################
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention through ``F.scaled_dot_product_attention`` (fused kernels).
-
-    Args:
-        dim: token width D, divisible by ``num_heads``.
-        num_heads: number of heads H; head width D / H.
-        qk_norm: LayerNorm over each head's queries and keys before the dot product, which keeps
-            attention logits bounded and training stable at high learning rates
-            (Dehghani et al. 2023 §3.1).
-    """
-
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False):
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=True)
-        self.q_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, T, D) -> (B, T, D)."""
-        B, T, D = x.shape
-        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, H, T, D/H)
-        # Under autocast LayerNorm returns float32 while v is bf16/fp16; SDPA needs one dtype.
-        q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
-        x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(B, T, D))
-
-
-class Mlp(nn.Module):
-    """Transformer feed-forward: Linear, GELU (tanh approximation, as in DiT), Linear."""
-
-    def __init__(self, dim: int, hidden_dim: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden_dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, T, D) -> (B, T, D)."""
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class DiTBlock(nn.Module):
-    """A DiT block with adaLN-Zero conditioning (Peebles & Xie 2023 §3.2, Fig. 3).
-
-    The conditioning vector ``c`` regresses a shift, scale and gate for each of the two residual
-    branches; the gates start at zero, so every block starts as the identity.
-    """
-
-    def __init__(
-        self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False
-    ):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads=num_heads, qk_norm=qk_norm)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """x: (B, T, D) tokens; c: (B, D) conditioning -> (B, T, D)."""
-        modulation = self.adaLN_modulation(c).chunk(6, dim=1)  # 6 x (B, D)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x
-
-
-class FinalLayer(nn.Module):
-    """The final layer of DiT: adaLN, then a linear map from tokens to patch pixels (DiT §3.2)."""
-
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
-        super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """x: (B, T, D); c: (B, D) -> (B, T, p*p*C_out)."""
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
 class DiT(nn.Module):
@@ -244,6 +77,15 @@ class DiT(nn.Module):
             the input of block depth - 1 - i and projected back to D by a linear layer.
         final_conv: a residual 3x3 convolution on the unpatchified output, zero-initialised so the
             initial velocity stays exactly 0.
+        norm, mlp, rope: block details (``models.blocks``): ``"layer"`` or ``"rms"`` norms,
+            ``"gelu"`` or ``"swiglu"`` feed-forward, 2-D rotary position embeddings in attention
+            instead of the added sin-cos embedding (head width must then be a multiple of 4).
+        prediction: what the network's last layer outputs. ``"velocity"``: v directly (DiT with
+            flow matching). ``"x"``: the clean image x0, turned into the velocity
+            ``(x_t - x0) / t`` (t clamped at ``X_PREDICTION_T_MIN``) before it is returned, so
+            the loss stays a velocity loss and the samplers are unchanged (Li & He 2025, "Back
+            to Basics: Let Denoising Generative Models Denoise", §3-4: x lies on the image
+            manifold while v and noise do not, which matters most for large patches).
 
     Raises:
         ValueError: a size that does not fit (patch size, heads, widths), naming the fix.
@@ -265,6 +107,10 @@ class DiT(nn.Module):
         stem_channels: int = 0,
         long_skip: bool = False,
         final_conv: bool = False,
+        norm: Norm = "layer",
+        mlp: MlpKind = "gelu",
+        rope: bool = False,
+        prediction: str = "velocity",
     ):
         super().__init__()
         _check_sizes(input_size, patch_size, hidden_size, num_heads, depth, num_classes)
@@ -272,6 +118,12 @@ class DiT(nn.Module):
             raise ValueError(f"class_dropout_prob={class_dropout_prob} must be in [0, 1)")
         if stem_channels < 0:
             raise ValueError(f"stem_channels={stem_channels} must be >= 0 (0 = no conv stem)")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction={prediction!r} is unknown; choose one of {PREDICTIONS}")
+        if norm not in ("layer", "rms") or mlp not in ("gelu", "swiglu"):
+            raise ValueError(
+                f"norm={norm!r}, mlp={mlp!r}: norm must be 'layer' or 'rms', mlp 'gelu' or 'swiglu'"
+            )
         self.config = dict(
             input_size=input_size,
             patch_size=patch_size,
@@ -287,6 +139,12 @@ class DiT(nn.Module):
             long_skip=long_skip,
             final_conv=final_conv,
         )
+        # The paper's defaults stay out of the config, so exports from before these options
+        # existed have the same config (and load) as new ones with the defaults.
+        extras = dict(norm=norm, mlp=mlp, rope=rope, prediction=prediction)
+        defaults = dict(norm="layer", mlp="gelu", rope=False, prediction="velocity")
+        self.config |= {k: v for k, v in extras.items() if v != defaults[k]}
+        self.prediction = prediction
         self.input_size = input_size
         self.in_channels = in_channels
         self.out_channels = in_channels
@@ -309,14 +167,16 @@ class DiT(nn.Module):
         self.x_embedder = nn.Conv2d(embed_in, hidden_size, patch_size, stride=patch_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        # Fixed (not learned, not saved) 2-D sin-cos position embedding, as in DiT.
-        self.register_buffer(
-            "pos_embed",
-            get_2d_sincos_pos_embed(hidden_size, self.grid_size).unsqueeze(0),
-            persistent=False,
-        )
+        # Fixed (not learned, not saved) 2-D sin-cos position embedding, as in DiT; with RoPE
+        # the positions enter attention instead, and this is zero.
+        pos_embed = get_2d_sincos_pos_embed(hidden_size, self.grid_size).unsqueeze(0)
+        self.register_buffer("pos_embed", pos_embed * (not rope), persistent=False)
+        rotary = Rope2D(hidden_size // num_heads, self.grid_size) if rope else None
         self.blocks = nn.ModuleList(
-            [DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth)]
+            [
+                DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm, norm, mlp, rotary)
+                for _ in range(depth)
+            ]
         )
         # One projection per deep block that receives a skip: the second half of the blocks.
         self.skip_projections = nn.ModuleList(
@@ -324,7 +184,7 @@ class DiT(nn.Module):
             if long_skip
             else []
         )
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, norm)
         self.final_conv = (
             nn.Conv2d(self.out_channels, self.out_channels, 3, padding=1) if final_conv else None
         )
@@ -407,12 +267,16 @@ class DiT(nn.Module):
                 f"DiT expects x of shape (B, {self.in_channels}, {self.input_size}, "
                 f"{self.input_size}), got {tuple(x.shape)}"
             )
+        x_t = x
         x = self.x_embedder(self.stem(x)).flatten(2).transpose(1, 2) + self.pos_embed  # (B, T, D)
         c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)  # (B, D)
         x = self._blocks(x, c)
         out = self.unpatchify(self.final_layer(x, c))
         if self.final_conv is not None:
             out = out + self.final_conv(out)
+        if self.prediction == "x":  # out is x0: v = (x_t - x0) / t on the straight path
+            t_safe = t.clamp(min=X_PREDICTION_T_MIN).reshape(-1, 1, 1, 1).to(out.dtype)
+            out = (x_t.to(out.dtype) - out) / t_safe
         return out
 
     def _blocks(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -475,32 +339,6 @@ def _check_sizes(
         raise ValueError(f"depth={depth} must be >= 1")
     if num_classes < 1:
         raise ValueError(f"num_classes={num_classes} must be >= 1")
-
-
-#################################################################################
-#                   Sine/Cosine Positional Embedding Functions                  #
-#################################################################################
-
-
-def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> torch.Tensor:
-    """Fixed 2-D sin-cos position embedding (MAE, He et al. 2022; used by DiT §3.2).
-
-    Half of the channels encode the column, half the row. Returns (grid_size**2, embed_dim)
-    float32, tokens in row-major order (matching ``unpatchify``). ``embed_dim`` % 4 == 0.
-    """
-    coords = torch.arange(grid_size, dtype=torch.float64)
-    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
-    emb_w = get_1d_sincos_pos_embed(embed_dim // 2, cols.flatten())
-    emb_h = get_1d_sincos_pos_embed(embed_dim // 2, rows.flatten())
-    return torch.cat([emb_w, emb_h], dim=1).float()
-
-
-def get_1d_sincos_pos_embed(embed_dim: int, pos: torch.Tensor) -> torch.Tensor:
-    """pos: (M,) positions -> (M, embed_dim) as [sin(pos * w_k), cos(pos * w_k)], w_k = 10000^(-2k/d)."""
-    omega = torch.arange(embed_dim // 2, dtype=torch.float64) / (embed_dim / 2.0)
-    omega = 1.0 / 10000**omega
-    out = pos.double()[:, None] * omega[None]
-    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
 
 
 #################################################################################

@@ -55,7 +55,7 @@ from models.classifier import (
 from tasks.configs.classifier import PRESETS, ClassifierConfig
 from tasks.training import checkpoint as ckpt
 from tasks.training import distributed
-from tasks.training.augment import CropFlipJitter
+from tasks.training.augment import CropFlipJitter, LowResolution
 from tasks.training.budget import TimeBudget
 from tasks.training.config import check_cache
 from tasks.training.distributed import mean_across
@@ -97,19 +97,26 @@ def validation_metrics(
     batch_size: int,
     device: torch.device,
     precision: Precision = "auto",
+    resize_to: int | None = None,
 ) -> dict[str, float]:
     """Validation loss and accuracy over every image of `split` (no augmentation).
 
+    `resize_to`: enlarge the images to this side first (bilinear, antialiased, as
+    `tasks.evaluation.measure` does before judging), for a split cached below the model's size.
+
     Returns {"val_loss", "val_accuracy" (micro, fraction correct), "val_balanced_accuracy"
-    (macro: mean per-class recall, robust to the cat/other imbalance)}; values in [0, 1] except
-    the loss (nats).
+    (macro: mean per-class recall, robust to the cat/other imbalance), "val_class_accuracy"
+    (per-class recall, in the dataset's class order)}; values in [0, 1] except the loss (nats).
     """
     was_training = model.training
     model.eval()
     logits, targets = [], []
     for images, labels in iter_batches(split, batch_size):
+        x = _normalise(images, device)
+        if resize_to is not None:
+            x = standardise(_enlarge(images.to(device).float().div_(255.0), resize_to))
         with autocast(device, precision):
-            logits.append(model(_normalise(images, device)).float().cpu())
+            logits.append(model(x).float().cpu())
         targets.append(labels)
     model.train(was_training)
     logit, target = torch.cat(logits), torch.cat(targets)
@@ -120,7 +127,15 @@ def validation_metrics(
         "val_balanced_accuracy": multiclass_accuracy(
             logit, target, num_classes, average="macro"
         ).item(),
+        "val_class_accuracy": multiclass_accuracy(
+            logit, target, num_classes, average="none"
+        ).tolist(),
     }
+
+
+def _enlarge(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, 3, h, w) float in [0, 1] -> (B, 3, size, size), bilinear with antialiasing."""
+    return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
 
 
 def train_classifier(
@@ -195,6 +210,12 @@ def train_classifier(
     )
     run.resume()  # every part from the newest valid checkpoint, if there is one
     augment = _augmentation(config)
+    low_res = LowResolution(config.low_res_fraction, config.low_res_size or 0, config.image_size)
+    # The low resolution's own held-out images, when the dataset has a cache there: the
+    # accuracy a judge of low-resolution samples has on real ones (its ceiling).
+    low_res_val = None
+    if config.low_res_size is not None and config.low_res_size in ref.caches:
+        low_res_val = open_split(ref, config.low_res_size, "val")
     # DDP after the restore: it broadcasts rank 0's weights, which every rank has restored alike.
     train_model = maybe_compile(data_parallel(model, device, ranks), config.compile)
     model.train()
@@ -208,10 +229,26 @@ def train_classifier(
             model, train_split, config.eval_batch_size, device, config.precision
         )
 
+    def named(metrics: dict[str, Any], suffix: str = "") -> dict[str, float]:
+        """Scalars only (metrics tables and logs): the per-class list as one key per class."""
+        per_class = metrics.pop("val_class_accuracy")
+        names = {f"val_accuracy.{c}": a for c, a in zip(ref.classes, per_class, strict=True)}
+        return {f"{k}{suffix}": v for k, v in (metrics | names).items()}
+
     def validate(net: Classifier) -> dict[str, float]:
-        metrics = validation_metrics(
-            net, val_split, config.eval_batch_size, device, config.precision
+        metrics = named(
+            validation_metrics(net, val_split, config.eval_batch_size, device, config.precision)
         )
+        if low_res_val is not None:
+            at_low = validation_metrics(
+                net,
+                low_res_val,
+                config.eval_batch_size,
+                device,
+                config.precision,
+                resize_to=config.image_size,
+            )
+            metrics |= named(at_low, f"_at_{config.low_res_size}px")
         epoch = run.step / loader.steps_per_epoch
         run.log.write({"kind": "eval", "step": run.step, "epoch": epoch, **metrics})
         return metrics
@@ -223,7 +260,10 @@ def train_classifier(
             run.log.write({"kind": "crop_size", "step": run.step, "crop_size": crop_size})
         # Drawn for the global batch, applied to this rank's shard: any world size augments alike.
         params = augment.draw(config.batch_size, *images.shape[2:], generator)
-        x = standardise(augment.apply(images, ranks.shard(params), crop_size))
+        x = augment.apply(images, ranks.shard(params), crop_size)
+        if config.low_res_fraction > 0:  # drawn only then, so other recipes' streams are unchanged
+            x = low_res.apply(x, ranks.shard(low_res.draw(config.batch_size, generator)))
+        x = standardise(x)
         lr = run.lr()
         with autocast(device, config.precision):
             logits = train_model(x)

@@ -46,6 +46,19 @@ class ClassifierConfig(TrainConfig):
     crop_scale_min: float = Field(0.35, gt=0, le=1, description="RandomResizedCrop min area")
     color_jitter: float = Field(0.2, ge=0, description="brightness/contrast/saturation strength")
     flip: bool = Field(True, description="random horizontal flips")
+    low_res_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="share of training images shrunk to low_res_size px and enlarged back, so "
+        "that the classifier judges low-resolution images (the DiT's samples) fairly",
+    )
+    low_res_size: int | None = Field(
+        None,
+        ge=4,
+        description="the low resolution in px (the DiT's image_size); validation also reports "
+        "the accuracy there when the dataset has a cache at that size",
+    )
     test_time_flip: bool = Field(
         False, description="evaluate (and judge) on the mean of each image and its mirror"
     )
@@ -71,6 +84,16 @@ class ClassifierConfig(TrainConfig):
                 f"train_image_size={self.train_image_size} exceeds image_size={self.image_size}: "
                 "the crops are cut from the image_size cache, so upsampling them adds no detail; "
                 "lower train_image_size, or raise image_size (a cache at that size)"
+            )
+        if self.low_res_fraction > 0 and self.low_res_size is None:
+            raise ValueError(
+                f"low_res_fraction={self.low_res_fraction} needs low_res_size: set it to the "
+                "resolution to judge (the DiT's image_size, e.g. 32)"
+            )
+        if self.low_res_size is not None and self.low_res_size >= self.image_size:
+            raise ValueError(
+                f"low_res_size={self.low_res_size} must be below image_size={self.image_size}; "
+                "lower it to the resolution to judge (the DiT's image_size)"
             )
         if self.test_size_finetune_fraction > 0 and self.train_size == self.image_size:
             raise ValueError(

@@ -121,13 +121,89 @@ def build_adamw(
         return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
 
+# The hidden layers' matrices that Muon orthogonalises: the transformer blocks and U-ViT skips.
+MUON_MODULES = ("blocks", "skip_projections")
+
+
+def build_optimizer(
+    model: torch.nn.Module, name: str, lr: float, weight_decay: float
+) -> torch.optim.Optimizer | MuonAdamW:
+    """`build_adamw`, or for `name="muon"` a `MuonAdamW` over the same parameters."""
+    if name == "muon":
+        return MuonAdamW(model, lr, weight_decay)
+    return build_adamw(model, lr, weight_decay)
+
+
+class MuonAdamW:
+    """Muon for the transformer blocks' 2-D weight matrices, AdamW for every other parameter.
+
+    Muon (Jordan et al. 2024, "Muon: An optimizer for hidden layers in neural networks";
+    `torch.optim.Muon`) replaces each matrix's momentum update by its nearest semi-orthogonal
+    matrix (5 Newton-Schulz steps), which equalises the update's singular values. It is meant for
+    hidden layers only: embeddings, the output layer, convolutions, biases and gains stay with
+    AdamW (`build_adamw`). Muon's step is scaled to match AdamW's update RMS
+    (`adjust_lr_fn="match_rms_adamw"`, Liu et al. 2025, "Muon is Scalable for LLM Training", §2.2),
+    so one learning rate and one schedule drive both.
+
+    Quacks like one optimizer for the loop, the LR schedule (`param_groups`) and checkpoints
+    (`state_dict`). Matrices are chosen by module name: a parameter under a module named in
+    `MUON_MODULES` (at any depth, so wrappers such as REPA's are fine) with `ndim == 2`.
+
+    Raises:
+        ValueError: the model has no such matrix (Muon would do nothing; use AdamW).
+    """
+
+    def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float):
+        matrices, rest = [], []
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            hidden = param.ndim == 2 and any(p in MUON_MODULES for p in name.split("."))
+            (matrices if hidden else rest).append((name, param))
+        if not matrices:
+            raise ValueError(
+                f"optimizer=muon found no 2-D weights under {MUON_MODULES}; use optimizer=adamw"
+            )
+        self.muon = torch.optim.Muon(
+            [p for _, p in matrices],
+            lr=lr,
+            weight_decay=weight_decay,
+            adjust_lr_fn="match_rms_adamw",
+        )
+        holder = torch.nn.ParameterDict({str(i): p for i, (_, p) in enumerate(rest)})
+        self.adamw = build_adamw(holder, lr, weight_decay)
+        self.optimizers = (self.muon, self.adamw)
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Every group of both optimizers (the same dicts: setting `lr` here sets it there)."""
+        return [g for opt in self.optimizers for g in opt.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.muon.load_state_dict(state["muon"])
+        self.adamw.load_state_dict(state["adamw"])
+
+
 def maybe_compile(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
     """`torch.compile(model)` when enabled. The compiled wrapper shares parameters with `model`;
     save `model` (or strip `_orig_mod.` with `tasks.training.export.plain_state_dict`), never the wrapper."""
     return torch.compile(model) if enabled else model
 
 
-def training_batches(split: Split, config: Any, device: torch.device, ranks: Ranks) -> PackedBatches:
+def training_batches(
+    split: Split, config: Any, device: torch.device, ranks: Ranks
+) -> PackedBatches:
     """This rank's training batches, from the device when the split fits there.
 
     With `config.device_cache_fraction` > 0 and the split's uint8 cache within that share of the
@@ -160,4 +236,6 @@ def data_parallel(model: torch.nn.Module, device: torch.device, ranks: Ranks) ->
     """
     if not ranks.enabled:
         return model
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
