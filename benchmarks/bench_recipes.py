@@ -12,14 +12,21 @@ held-out split. This is the evidence behind the `cpu-small` presets (issue 6 §2
 
 `--recipes` picks a subset, `--budget` sets the minutes per training (10 = the issue's budget),
 `--samples-per-class` the DiT samples per class. A recipe whose export already exists in --out is
-measured again without retraining unless --retrain. Run it on an otherwise idle machine: with two
-busy cores torch's OpenMP threads spin-wait and throughput collapses.
+measured again without retraining unless --retrain, so `--samplers` sweeps sampling-time levers
+over one export (issue 21 §2), one report and one table row each:
+
+    .venv/bin/python -m benchmarks.bench_recipes dit --recipes guide-25 --judge ... --samplers \
+        heun:16:5 heun:16:5:interval=0.2-0.85 heun:16:5:shift=2 heun:16:2:guide=auto
+
+Run it on an otherwise idle machine: with two busy cores torch's OpenMP threads spin-wait and
+throughput collapses.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -83,6 +90,9 @@ DIT_RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     "no-ema": ("cpu-small", dict(ema_decay=0.0)),
     # The reference layout's width and depth (256 x 8 instead of DiT-Ti's 192 x 6).
     "width-256-depth-8": ("cpu-small", dict(hidden_size=256, depth=8, num_heads=4)),
+    # The preset plus an autoguidance guide (the EMA at 25 % of the steps, issue 21 §2), so that
+    # --samplers ...:guide=auto can sweep it; its default sampling is the preset's.
+    "guide-25": ("cpu-small", dict(guide_snapshot_fraction=0.25)),
 }
 
 # ResNet-10 at 64 px with the mirror: the preset from 2026-12-02 until ResNet-8 replaced it.
@@ -149,6 +159,8 @@ def _flags(preset: str, overrides: dict[str, Any]) -> list[str]:
         flag = "--" + field.replace("_", "-")
         if isinstance(value, bool):
             flags.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, tuple | list):  # a pair such as guidance_interval: --flag LO HI
+            flags += [flag, *map(str, value)]
         else:
             flags += [flag, str(value)]
     return flags
@@ -186,32 +198,59 @@ def _train(kind: str, name: str, ref_path: Path, run_dir: Path, budget: float, r
     return result
 
 
-def _sampler(text: str) -> tuple[str, int, float]:
-    """'heun:16:3' -> ("heun", 16, 3.0): ODE method, steps, CFG scale."""
-    method, steps, scale = text.split(":")
-    return method, int(steps), float(scale)
+# The optional `key=value` items of a --samplers spec -> the `tasks.evaluate` flag they set.
+SAMPLER_KEYS = {"interval": "--guidance-interval", "shift": "--time-shift", "guide": "--guidance"}
+
+
+def _sampler(text: str) -> list[str]:
+    """A --samplers spec as `tasks.evaluate` flags: 'heun:16:3' -> method, steps, guidance scale;
+    optional items after them: 'interval=LO-HI' (guide only at t in [LO, HI], 1 = noise),
+    'shift=S' (SD3 time shift), 'guide=cfg|auto' (auto = the export's autoguidance guide).
+
+    Raises ValueError naming the spec for a malformed one."""
+    method, steps, scale, *items = text.split(":")
+    flags = ["--sampler", method, "--steps", str(int(steps)), "--cfg-scale", str(float(scale))]
+    for item in items:
+        key, sep, value = item.partition("=")
+        if key not in SAMPLER_KEYS or not sep:
+            raise ValueError(f"{text!r}: {item!r} is not one of {sorted(SAMPLER_KEYS)} =VALUE")
+        words = value.split("-") if key == "interval" else [value]
+        if key == "interval" and len(words) != 2:
+            raise ValueError(f"{text!r}: interval={value} must be LO-HI, e.g. interval=0.2-0.8")
+        flags += [SAMPLER_KEYS[key], *words]
+    return flags
 
 
 def _evaluate(
     ref_path: Path, judge: Path, dit: Path, per_class: int, sampler: str | None
 ) -> dict[str, Any]:
     """Run `tasks.evaluate` on one DiT export (with the export's sampler, or `sampler`)."""
-    out = dit / ("report" if sampler is None else "report-" + sampler.replace(":", "-"))
+    out = dit / ("report" if sampler is None else "report-" + re.sub("[:=]", "-", sampler))
     cmd = [sys.executable, "-m", "tasks.evaluate", "--dataset", str(ref_path)]
     cmd += ["--classifier", str(judge), "--dit", str(dit), "--out", str(out), "--overwrite"]
     cmd += ["--samples-per-class", str(per_class), "--no-inception-download"]
     if sampler is not None:
-        method, steps, scale = _sampler(sampler)
-        cmd += ["--sampler", method, "--steps", str(steps), "--cfg-scale", str(scale)]
+        cmd += _sampler(sampler)
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True)
     return {**json.loads((out / "report.json").read_text()), "report_dir": str(out)}
+
+
+def _sampler_words(s: dict[str, Any]) -> str:
+    """A report's sampling section in the table's words, the levers only where they are used."""
+    words = f"{s['method']} {s['steps']} steps, "
+    words += f"{'auto' if s.get('guidance') == 'auto' else 'CFG'} {s['cfg_scale']:g}"
+    if (interval := s.get("guidance_interval")) is not None:
+        words += f" in [{interval[0]:g}, {interval[1]:g}]"
+    if s.get("time_shift", 1.0) != 1.0:
+        words += f", shift {s['time_shift']:g}"
+    return words
 
 
 def _dit_row(name: str, result: dict, report: dict) -> dict[str, Any]:
     m, metrics, s = report["metrics"], result["metrics"], report["sampling"]
     return {
         "recipe": name,
-        "sampler": f"{s['method']} {s['steps']} steps, CFG {s['cfg_scale']:g}",
+        "sampler": _sampler_words(s),
         "steps": metrics["steps"],
         "img/s": round(metrics["images_per_s"]),
         "final loss": round(metrics["final_loss"], 4),
@@ -261,9 +300,9 @@ def main() -> None:
     parser.add_argument(
         "--samplers",
         nargs="+",
-        metavar="METHOD:STEPS:CFG",
-        help="DiT only: evaluate each export with these samplers (e.g. euler:25:2 heun:16:3) "
-        "instead of its own default",
+        metavar="METHOD:STEPS:CFG[:KEY=VALUE...]",
+        help="DiT only: evaluate each export with these samplers (e.g. euler:25:2 heun:16:3, "
+        "heun:16:5:interval=0.2-0.85:shift=2:guide=auto) instead of its own default",
     )
     parser.add_argument("--retrain", action="store_true")
     args = parser.parse_args()
@@ -276,6 +315,11 @@ def main() -> None:
         parser.error("dit needs --judge: a classifier export (run the classifier bench first)")
     if not PETIMAGES.is_file():
         parser.error(f"{PETIMAGES} is missing; it comes with ../shared/datasets")
+    for spec in args.samplers or []:
+        try:
+            _sampler(spec)
+        except ValueError as exc:
+            parser.error(f"--samplers {exc}")
 
     # One dataset version for both benches (every recipe's size), so that the DiTs and their
     # judge share a version and its held-out split.

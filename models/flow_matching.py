@@ -19,6 +19,11 @@ Sources:
 - Ho & Salimans 2022, "Classifier-Free Diffusion Guidance" (arXiv:2207.12598): CFG.
 - Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative Models"
   (arXiv:2206.00364), §3 / Alg. 1: Heun's second-order sampler.
+- Kynkäänniemi et al. 2024, "Applying Guidance in a Limited Interval Improves Sample and
+  Distribution Quality in Diffusion Models" (arXiv:2404.07724), §3: guidance in a limited interval.
+- Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself"
+  (arXiv:2406.02507), §3: autoguidance.
+- Esser et al. 2024 (SD3, above), §5.3.2: the time shift of the sampler's grid.
 - EMA warm-up after the TensorFlow ``ExponentialMovingAverage(num_updates=...)`` rule.
 """
 
@@ -87,7 +92,9 @@ def interpolate(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch
 
 def _unwrapped(model: nn.Module) -> nn.Module:
     """The network inside torch.compile's and DistributedDataParallel's wrappers."""
-    while isinstance(inner := getattr(model, "_orig_mod", getattr(model, "module", None)), nn.Module):
+    while isinstance(
+        inner := getattr(model, "_orig_mod", getattr(model, "module", None)), nn.Module
+    ):
         model = inner
     return model
 
@@ -148,6 +155,52 @@ def flow_matching_loss(
     return F.mse_loss(pred.float(), (noise - x0).float())
 
 
+def t_from_sigma(sigma: float) -> float:
+    """The EDM noise level ``sigma`` (Karras et al. 2022) as this module's time t.
+
+    Dividing ``x_t = (1 - t) x0 + t noise`` by ``1 - t`` gives ``x0 + sigma noise`` with
+    ``sigma = t / (1 - t)``, so ``t = sigma / (1 + sigma)``: sigma = 0 is t = 0 (data) and
+    sigma -> inf is t -> 1 (noise). Use it to carry a guidance interval from the papers, which
+    give it in sigma (Kynkäänniemi et al. 2024 §3: sigma in (0.28, 2.9] for EDM2-S, that is
+    t in (0.22, 0.74]). Raises ValueError for sigma < 0.
+    """
+    if sigma < 0:
+        raise ValueError(f"sigma={sigma} must be >= 0")
+    return sigma / (1.0 + sigma)
+
+
+def time_grid(steps: int, shift: float = 1.0) -> list[float]:
+    """The sampler's ``steps + 1`` times, from 1 (noise) down to 0 (data).
+
+    The uniform grid ``1, 1 - 1/steps, ..., 0`` warped by the SD3 time shift (Esser et al. 2024
+    §5.3.2) ``t' = s t / (1 + (s - 1) t)``. The end points stay; s = 1 is the uniform grid
+    exactly; s > 1 moves every inner time towards 1, so more (and smaller) steps are spent near
+    noise, where the global layout is decided, and fewer near data.
+
+    Raises:
+        ValueError: steps < 1 or shift <= 0.
+    """
+    if steps < 1:
+        raise ValueError(f"steps={steps} must be >= 1")
+    if not shift > 0:
+        raise ValueError(f"time_shift={shift} must be > 0 (1 = the uniform grid)")
+    grid = torch.linspace(1.0, 0.0, steps + 1).tolist()
+    if shift == 1.0:  # skip the arithmetic, so that today's grid stays bit-identical
+        return grid
+    return [shift * t / (1.0 + (shift - 1.0) * t) for t in grid]
+
+
+def _checked_interval(interval: tuple[float, float] | None) -> tuple[float, float] | None:
+    if interval is None:
+        return None
+    lo, hi = (float(v) for v in interval)
+    if not 0.0 <= lo < hi <= 1.0:
+        raise ValueError(
+            f"guidance_interval=({lo:g}, {hi:g}) must have 0 <= lo < hi <= 1 (t = 1 is noise)"
+        )
+    return lo, hi
+
+
 @torch.no_grad()
 def sample(
     model: nn.Module,
@@ -156,48 +209,71 @@ def sample(
     steps: int,
     method: str = "euler",
     cfg_scale: float = 1.0,
+    guidance_interval: tuple[float, float] | None = None,
+    guide: nn.Module | None = None,
+    time_shift: float = 1.0,
 ) -> torch.Tensor:
     """Integrate the learned ODE dx/dt = v(x, t) from t = 1 (noise) to t = 0 (data).
 
-    Uses ``steps`` uniform steps of size 1/steps. Euler: one model call per step, first-order
+    Steps follow ``time_grid(steps, time_shift)``. Euler: one velocity per step, first-order
     accurate. Heun (Karras et al. 2022 Alg. 1, the deterministic sampler): an Euler predictor,
-    then the trapezoid corrector, two model calls per step, second-order accurate; unlike Alg. 1
+    then the trapezoid corrector, two velocities per step, second-order accurate; unlike Alg. 1
     the corrector also runs on the last step, because a velocity is well defined at t = 0.
-    The model is put in ``eval()`` mode for the call (so no label dropout) and restored after.
+    The models are put in ``eval()`` mode for the call (so no label dropout) and restored after.
+
+    Guidance, at ``cfg_scale = w != 1``: classifier-free, ``v_null + w (v - v_null)`` with the
+    null class, or with ``guide`` autoguidance (Karras et al. 2024 §3, ``D_w = D_1 + w (D_0 -
+    D_1)``), ``v_guide + w (v - v_guide)`` with the guide conditioned on the same ``y``. The
+    velocity ``(x - D(x)) / t`` is affine in the denoiser D, so mixing velocities is the papers'
+    mixing of denoisers. With ``guidance_interval = (lo, hi)`` (Kynkäänniemi et al. 2024 §3)
+    only velocities evaluated at a t in [lo, hi] are guided; the others are the conditional
+    velocity alone, one model pass instead of two. The paper defines the guided denoiser
+    piecewise in sigma, so Heun's corrector decides by its own t. Convert the paper's sigma
+    with ``t_from_sigma`` (t = sigma / (1 + sigma)).
 
     Args:
-        model: velocity model ``model(x, t, y)``; for ``cfg_scale != 1`` it must also have
-            ``forward_with_cfg(x, t, y, cfg_scale)`` (``DiT`` does, using its ``null_class``).
+        model: velocity model ``model(x, t, y)``; for CFG (``cfg_scale != 1``, no ``guide``) it
+            must also have ``forward_with_cfg(x, t, y, cfg_scale)`` (``DiT`` does, using its
+            ``null_class``).
         noise: (B, C, H, W) float, x at t = 1, usually ``torch.randn``.
         y: (B,) int64 class labels.
         steps: number of integration steps >= 1.
         method: ``"euler"`` or ``"heun"``.
-        cfg_scale: classifier-free guidance scale; 1 = plain conditional prediction (one pass).
+        cfg_scale: guidance weight w; 1 = plain conditional prediction (one pass).
+        guidance_interval: (lo, hi) with 0 <= lo < hi <= 1 in this module's t; None = guide at
+            every step (``(0, 1)`` gives the same samples).
+        guide: the "bad" model for autoguidance, same signature and input shape as ``model``
+            (e.g. an early EMA snapshot of the same run); None = classifier-free guidance.
+        time_shift: s > 0 of ``time_grid``; 1 = uniform steps.
 
     Returns:
         (B, C, H, W) float, the sample x0 (same dtype as ``noise``), about [-1, 1] when trained.
 
     Raises:
-        ValueError: steps < 1, unknown method, or mismatched shapes.
+        ValueError: steps < 1, unknown method, mismatched shapes, a guidance interval outside
+            0 <= lo < hi <= 1, or time_shift <= 0.
     """
-    if steps < 1:
-        raise ValueError(f"steps={steps} must be >= 1")
+    times = time_grid(steps, time_shift)
     if method not in SAMPLERS:
         raise ValueError(f"unknown sampler {method!r}; valid: {', '.join(SAMPLERS)}")
     if y.shape != (noise.shape[0],):
         raise ValueError(f"y must have shape ({noise.shape[0]},), got {tuple(y.shape)}")
+    interval = _checked_interval(guidance_interval)
 
     def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)
-        if cfg_scale == 1.0:
+        if cfg_scale == 1.0 or (interval is not None and not interval[0] <= t <= interval[1]):
             return model(x, t_batch, y)
-        return model.forward_with_cfg(x, t_batch, y, cfg_scale)
+        if guide is None:
+            return model.forward_with_cfg(x, t_batch, y, cfg_scale)
+        v_guide = guide(x, t_batch, y)
+        return v_guide + cfg_scale * (model(x, t_batch, y) - v_guide)
 
-    was_training = model.training
-    model.eval()
+    modes = [(m, m.training) for m in (model, guide) if m is not None]
+    for m, _ in modes:
+        m.eval()
     try:
         x = noise
-        times = torch.linspace(1.0, 0.0, steps + 1).tolist()
         for t_cur, t_next in itertools.pairwise(times):
             dt = t_next - t_cur  # negative: we walk from noise to data
             v = velocity(x, t_cur)
@@ -207,7 +283,8 @@ def sample(
             x = x + dt * v
         return x
     finally:
-        model.train(was_training)
+        for m, was_training in modes:
+            m.train(was_training)
 
 
 class EMA:

@@ -52,6 +52,7 @@ from tasks.training.export import (
     plain_state_dict,
     write_export,
 )
+from tasks.training.guide import GuideSnapshot
 from tasks.training.run import TrainingRun
 from tasks.training.run_log import Progress
 from tasks.training.runtime import (
@@ -89,12 +90,20 @@ def _grid_labels(num_classes: int, per_class: int, device: torch.device) -> torc
     return torch.arange(num_classes, device=device).repeat_interleave(per_class)
 
 
-def _save_grid(model: DiT, config: DiTConfig, num_classes: int, path: Path) -> Path:
+def _save_grid(
+    model: DiT, config: DiTConfig, num_classes: int, path: Path, guide: DiT | None = None
+) -> Path:
     device = next(model.parameters()).device
     labels = _grid_labels(num_classes, config.samples_per_class, device)
+    # guidance="auto" before its snapshot exists: the conditional model alone (scale 1), since
+    # there is nothing to guide with yet and the null class may not be trained.
+    auto = config.guidance == "auto"
     images = draw(
-        model, labels, config.sample_steps, config.sample_method, config.cfg_scale, config.seed
-    )
+        model, labels, config.sample_steps, config.sample_method,
+        1.0 if auto and guide is None else config.cfg_scale, config.seed,
+        guide=guide if auto else None, guidance_interval=config.guidance_interval,
+        time_shift=config.time_shift,
+    )  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     save_image(images, tmp, nrow=config.samples_per_class, padding=1)
@@ -165,6 +174,7 @@ def train_dit(
     train_model = maybe_compile(data_parallel(model, device, ranks), config.compile)
     model.train()
     samples = run_dir / SAMPLES_DIR
+    guide = GuideSnapshot(run_dir, config.guide_snapshot_fraction)  # kept from before a resume
 
     while run.active():
         images, labels = loader.next()  # this rank's shard, already on the device
@@ -192,15 +202,20 @@ def train_dit(
 
         run.step_done(mean_across(loss, ranks), lr)
         ema.decay = _ema_decay(config, run.total)
+        if ranks.is_main and guide.due(run.step, run.total):  # before the checkpoint of this step
+            guide.take(ema.shadow, run.step)
         if run.evaluation_due(config.sample_every):
             grid = samples / f"step_{run.step:07d}.png"
-            run.evaluate(partial(_save_grid, ema.shadow, config, num_classes, grid))
+            draw_guide = guide.model(ema.shadow)
+            run.evaluate(partial(_save_grid, ema.shadow, config, num_classes, grid, draw_guide))
         run.maybe_save()
     run.end_training()
     if not ranks.is_main:
         return {}
 
-    final_grid = _save_grid(ema.shadow, config, num_classes, samples / "final.png")
+    final_grid = _save_grid(
+        ema.shadow, config, num_classes, samples / "final.png", guide.model(ema.shadow)
+    )
     export_config = {
         "kind": "dit",
         "arch": dict(ema.shadow.config),
@@ -212,7 +227,12 @@ def train_dit(
             "method": config.sample_method,
             "steps": config.sample_steps,
             "cfg_scale": config.cfg_scale,
+            "guidance": config.guidance,
+            "guidance_interval": config.guidance_interval,
+            "time_shift": config.time_shift,
         },
+        # guide.safetensors is in place before write_export writes config.json naming it.
+        **guide.export(run_dir),
         "dataset_version": ref.version,
         "train_config": config.model_dump(),
         "steps_trained": run.step,

@@ -31,6 +31,16 @@ ARCHS: dict[str, tuple[int, int, int, int]] = {
 }
 
 
+def check_interval(interval: tuple[float, float] | None) -> None:
+    """Raise a one-line ValueError unless `interval` is None or (lo, hi), 0 <= lo < hi <= 1
+    (`models.flow_matching.sample` checks the same, without this torch-free module)."""
+    if interval is not None and not 0.0 <= interval[0] < interval[1] <= 1.0:
+        lo, hi = interval
+        raise ValueError(
+            f"guidance_interval=({lo:g}, {hi:g}) must have 0 <= lo < hi <= 1 (t = 1 is noise)"
+        )
+
+
 class DiTConfig(TrainConfig):
     """Everything that defines a DiT training run (see `TrainConfig` for the shared fields).
 
@@ -64,6 +74,21 @@ class DiTConfig(TrainConfig):
     sample_steps: int = Field(25, ge=1, description="ODE steps for grids")
     sample_method: Literal["euler", "heun"] = "euler"
     cfg_scale: float = Field(2.0, ge=1.0, description="CFG scale for grids and default sampling")
+    # Sampling levers (issue 21 §2; models.flow_matching.sample): the export's defaults.
+    guidance: Literal["cfg", "auto"] = Field(
+        "cfg", description="guidance: classifier-free (null class) or auto (the guide snapshot)"
+    )
+    guidance_interval: tuple[float, float] | None = Field(
+        None, description="guide only at t in [LO, HI] (t = 1 is noise); default: every step"
+    )
+    time_shift: float = Field(1.0, gt=0, description="SD3 shift of the sampler's time grid")
+    guide_snapshot_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="export the EMA at this share of the planned steps as the autoguidance "
+        "guide; 0 = none",
+    )
     sdpa_backend: Literal["auto", "math"] = Field(
         "auto", description="attention kernel in training: torch's choice, or the unfused math path"
     )
@@ -73,8 +98,13 @@ class DiTConfig(TrainConfig):
         # The sizes `models.dit.DiT` accepts, in the user's words (image_size, not input_size).
         if self.arch not in ARCHS:
             raise ValueError(f"arch={self.arch!r} is unknown; choose one of {sorted(ARCHS)}")
-        if self.cfg_scale != 1.0 and self.class_dropout_prob == 0:
+        if self.guidance == "cfg" and self.cfg_scale != 1.0 and self.class_dropout_prob == 0:
             raise ValueError("cfg_scale != 1 needs class_dropout_prob > 0 (a trained null class)")
+        check_interval(self.guidance_interval)
+        if self.guidance == "auto" and self.guide_snapshot_fraction == 0:
+            raise ValueError(
+                "guidance='auto' needs a guide: set guide_snapshot_fraction > 0 (e.g. 0.25)"
+            )
         arch = self.architecture(num_classes=1)
         patch, width, heads = arch["patch_size"], arch["hidden_size"], arch["num_heads"]
         if self.image_size % patch:

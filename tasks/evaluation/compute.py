@@ -28,7 +28,7 @@ from tasks.evaluation.measure import (
 )
 from tasks.evaluation.options import EvalOptions
 from tasks.evaluation.report import DatasetIdentity, Report, Sampling
-from tasks.exported import load_dit, sample
+from tasks.exported import load_dit, load_guide, sample, sampler_settings
 from tasks.paths import SAMPLES_DIR
 
 log = logging.getLogger(__name__)
@@ -168,16 +168,18 @@ def _draw_samples(
     """Sample every class of the DiT (sampler settings default to the export's), save the grid
     and the single images; returns (N, 3, H, W) float in [0, 1] on the CPU and the class names."""
     model = load_dit(dit_export[0], device=torch_device(opts))
-    defaults = dit_export[1].get("sampler", {})
-    method = opts.sampler or defaults.get("method", "euler")
-    steps = opts.steps or int(defaults.get("steps", 25))
-    scale = float(opts.cfg_scale if opts.cfg_scale is not None else defaults.get("cfg_scale", 1.0))
+    drawn = sampler_settings(
+        dit_export[1], method=opts.sampler, steps=opts.steps, cfg_scale=opts.cfg_scale,
+        guidance=opts.guidance, guidance_interval=opts.guidance_interval,
+        time_shift=opts.time_shift,
+    )  # fmt: skip
+    guide = load_guide(dit_export[0], torch_device(opts)) if drawn["guidance"] == "auto" else None
     names, per_class = list(model.classes), opts.samples_per_class
-    fake = sample(model, names, per_class, steps, method, scale, opts.seed).cpu()
+    fake = sample(model, names, per_class, seed=opts.seed, guide=guide, **drawn).cpu()
+    if guide is not None:  # a property of the model, so not part of the like-for-like Sampling
+        report.settings["autoguidance_guide_step"] = guide.guide_step
     report.sampling = Sampling(
-        method=method,
-        steps=steps,
-        cfg_scale=scale,
+        **drawn,
         seed=opts.seed,
         samples_per_class=per_class,
         n_generated=len(fake),

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from data.errors import one_line
-from tasks.training.config import scalar_type
+from tasks.configs.dit import check_interval
+from tasks.training.config import pair_or_scalar, scalar_type
 
 # `models.flow_matching.SAMPLERS`, as plain data so that the options are checked without importing
 # torch; tests/test_first_contact.py checks that they agree.
@@ -33,6 +34,16 @@ class EvalOptions(BaseModel):
     steps: int | None = Field(None, ge=1, description="ODE steps (default: the DiT export's)")
     cfg_scale: float | None = Field(
         None, ge=1.0, description="CFG scale, 1 = no guidance (default: the DiT export's)"
+    )
+    guidance: Literal["cfg", "auto"] | None = Field(
+        None, description="cfg (null class) or auto (the export's guide) (default: the DiT's)"
+    )
+    guidance_interval: tuple[float, float] | None = Field(
+        None, description="guide only at t in [LO, HI], 1 = noise; 0 1 = every step (default: "
+        "the DiT's)",
+    )  # fmt: skip
+    time_shift: float | None = Field(
+        None, gt=0, description="SD3 shift of the time grid, 1 = uniform (default: the DiT's)"
     )
     seed: int = Field(0, ge=0, description="seed of the sampling noise, real draw, KID subsets")
     deployment: str | None = Field(
@@ -66,6 +77,12 @@ class EvalOptions(BaseModel):
             raise ValueError(f"unknown sampler {value!r}; choose one of {', '.join(SAMPLERS)}")
         return value
 
+    @field_validator("guidance_interval")
+    @classmethod
+    def _ordered_interval(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        check_interval(value)
+        return value
+
     @model_validator(mode="before")
     @classmethod
     def _known_fields(cls, data: Any) -> Any:
@@ -97,9 +114,13 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                 flag, dest=name, action=argparse.BooleanOptionalAction, help=field.description
             )
             continue
-        kind = scalar_type(field.annotation)
+        kind, nargs = pair_or_scalar(scalar_type(field.annotation))
         choices = list(SAMPLERS) if name == "sampler" else None
-        parser.add_argument(flag, dest=name, type=kind, choices=choices, help=field.description)
+        if literal := [a for a in get_args(field.annotation) if get_origin(a) is Literal]:
+            choices = list(get_args(literal[0]))  # e.g. guidance: Literal["cfg", "auto"] | None
+        parser.add_argument(
+            flag, dest=name, type=kind, nargs=nargs, choices=choices, help=field.description
+        )
 
 
 def from_args(args: argparse.Namespace) -> EvalOptions:

@@ -74,6 +74,10 @@ class Sampling(BaseModel):
     samples_per_class: int
     n_generated: int
     image_size: int
+    # The sampling levers (issue 21 §2); the defaults are how reports before them sampled.
+    guidance: str = "cfg"
+    guidance_interval: tuple[float, float] | None = None
+    time_shift: float = 1.0
 
 
 class Delta(BaseModel):
@@ -209,6 +213,15 @@ def _model_line(label: str, model: ModelIdentity | None) -> str:
     )
 
 
+def _guidance_words(s: Sampling) -> str:
+    """'CFG scale 5' or 'autoguidance scale 5 at t in [0.2, 0.8]'."""
+    kind = "CFG" if s.guidance == "cfg" else "autoguidance"
+    where = ""
+    if s.guidance_interval is not None:
+        where = f" at t in [{s.guidance_interval[0]:g}, {s.guidance_interval[1]:g}]"
+    return f"{kind} scale {s.cfg_scale:g}{where}"
+
+
 def render_markdown(report: Report) -> str:
     """The human-readable report; pictures are linked by their paths relative to the report."""
     lines = [
@@ -228,7 +241,8 @@ def render_markdown(report: Report) -> str:
         s = report.sampling
         lines.append(
             f"- **Sampling:** {s.samples_per_class} per class ({s.n_generated} in all) with the EMA "
-            f"weights, {s.method} sampler, {s.steps} steps, CFG scale {s.cfg_scale}, seed {s.seed}"
+            f"weights, {s.method} sampler, {s.steps} steps, {_guidance_words(s)}, time shift "
+            f"{s.time_shift:g}, seed {s.seed}"
         )
     lines += [
         "",

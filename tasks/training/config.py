@@ -136,6 +136,15 @@ def scalar_type(annotation: Any) -> Any:
     return annotation
 
 
+def pair_or_scalar(kind: Any) -> tuple[Any, int | None]:
+    """(argparse type, nargs) for a scalar type, or for a fixed tuple such as `tuple[float,
+    float]` (a `guidance_interval`), which takes its items as separate words: `--flag LO HI`."""
+    if typing.get_origin(kind) is tuple:
+        items = typing.get_args(kind)
+        return items[0], len(items)
+    return kind, None
+
+
 def build_parser(
     config_cls: type[TrainConfig],
     presets: dict[str, TrainConfig],
@@ -168,12 +177,12 @@ def build_parser(
                 flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
             )
             continue
-        kind = scalar_type(field.annotation)
+        kind, nargs = pair_or_scalar(scalar_type(field.annotation))
         choices = None
         if typing.get_origin(field.annotation) is Literal:
             choices = list(typing.get_args(field.annotation))
         overrides.add_argument(
-            flag, dest=name, type=kind, choices=choices, default=None, help=help_text
+            flag, dest=name, type=kind, nargs=nargs, choices=choices, default=None, help=help_text
         )
     # The issue's spelling of the budget flag, kept as an alias of --time-budget-minutes.
     overrides.add_argument("--time-budget", dest="time_budget_minutes", type=float, help="minutes")
