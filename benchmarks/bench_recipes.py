@@ -9,6 +9,10 @@ held-out split. This is the evidence behind the `cpu-small` presets (issue 6 §2
     # 2. DiTs, judged by a classifier from step 1: cat-conditioned samples called "cat",
     #    conditional accuracy and Fréchet distance in the classifier's features
     .venv/bin/python -m benchmarks.bench_recipes dit --judge bench-runs/classifier-cpu-small
+    # 3. REPA (issue 21 §3) aligns to a classifier export other than the judge, e.g. another
+    #    recipe's from step 1; a repa recipe without --repa-teacher is a usage error
+    .venv/bin/python -m benchmarks.bench_recipes dit --recipes cpu-small repa \
+        --judge bench-runs/classifier-cpu-small --repa-teacher bench-runs/classifier-resnet10
 
 `--recipes` picks a subset, `--budget` sets the minutes per training (10 = the issue's budget),
 `--samples-per-class` the DiT samples per class. A recipe whose export already exists in --out is
@@ -42,6 +46,10 @@ from tasks.train import build_config  # noqa: E402
 
 PETIMAGES = REPO.parent / "shared" / "datasets" / "petimages" / "kagglecatsanddogs-180px.zip"
 PETIMAGES_SHA256 = "8bbd2356c185cce16913e0db65c3c06162824687d9faae6487f69551adc79639"
+
+# The REPA recipes' teacher: `--repa-teacher PATH` replaces this placeholder (`_use_teacher`)
+# before anything trains; without the flag, choosing such a recipe is a usage error.
+REPA_TEACHER = "<from --repa-teacher>"
 
 # name -> (preset, overrides). "cpu-small" is the preset as shipped; the others change one thing
 # each, so the table reads as an ablation of it, except "plain", the issue's reference recipe.
@@ -88,6 +96,9 @@ DIT_RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     "lr-3e-4": ("cpu-small", dict(lr=3e-4)),
     # The raw weights instead of an EMA (a decay of 0 makes the shadow a copy of the model).
     "no-ema": ("cpu-small", dict(ema_decay=0.0)),
+    # Representation alignment (REPA, Yu et al. 2025 §3) of block 2 of 6 to a classifier's
+    # spatial features, lambda = 0.5 (the paper's); the teacher must not be the judge.
+    "repa": ("cpu-small", dict(repa_teacher=REPA_TEACHER, repa_depth=2)),
     # The reference layout's width and depth (256 x 8 instead of DiT-Ti's 192 x 6).
     "width-256-depth-8": ("cpu-small", dict(hidden_size=256, depth=8, num_heads=4)),
     # The preset plus an autoguidance guide (the EMA at 25 % of the steps, issue 21 §2), so that
@@ -151,6 +162,13 @@ def _config(kind: str, name: str) -> dict[str, Any]:
     """The recipe's full config (preset + overrides, validated; a misspelt field fails here)."""
     preset, overrides = RECIPES[kind][name]
     return build_config(kind, preset, overrides).model_dump()
+
+
+def _use_teacher(path: Path) -> None:
+    """Give the REPA recipes `path` as their teacher (it replaces `REPA_TEACHER`)."""
+    for name, (preset, overrides) in DIT_RECIPES.items():
+        if overrides.get("repa_teacher") == REPA_TEACHER:
+            DIT_RECIPES[name] = (preset, {**overrides, "repa_teacher": str(path)})
 
 
 def _flags(preset: str, overrides: dict[str, Any]) -> list[str]:
@@ -304,6 +322,11 @@ def main() -> None:
         help="DiT only: evaluate each export with these samplers (e.g. euler:25:2 heun:16:3, "
         "heun:16:5:interval=0.2-0.85:shift=2:guide=auto) instead of its own default",
     )
+    parser.add_argument(
+        "--repa-teacher",
+        type=Path,
+        help="DiT only: the classifier export that the REPA recipes align to; not the --judge",
+    )
     parser.add_argument("--retrain", action="store_true")
     args = parser.parse_args()
 
@@ -313,6 +336,15 @@ def main() -> None:
         parser.error(f"unknown {args.kind} recipes {unknown}; known: {sorted(RECIPES[args.kind])}")
     if args.kind == "dit" and not (args.judge and (args.judge / "config.json").is_file()):
         parser.error("dit needs --judge: a classifier export (run the classifier bench first)")
+    if need := [n for n in recipes if RECIPES[args.kind][n][1].get("repa_teacher") == REPA_TEACHER]:
+        teacher = args.repa_teacher
+        if not (teacher and (teacher / "config.json").is_file()):
+            parser.error(f"recipes {need} need --repa-teacher: a classifier export (not --judge)")
+        # REPA trains the DiT towards the teacher's features and the FD is measured in the
+        # judge's: the same network in both roles would game the figures.
+        if args.judge and teacher.resolve() == args.judge.resolve():
+            parser.error("--repa-teacher must not be the --judge: pass another classifier export")
+        _use_teacher(teacher.resolve())
     if not PETIMAGES.is_file():
         parser.error(f"{PETIMAGES} is missing; it comes with ../shared/datasets")
     for spec in args.samplers or []:

@@ -106,6 +106,18 @@ class Classifier(nn.Module):
             return both.unflatten(0, (2, x.shape[0])).mean(0)
         return self.backbone(x)
 
+    def forward_feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, 3, H, W) float, normalised -> (B, C, h, w) float: the backbone's last spatial
+        feature map, before global pooling (ResNet: layer4's output, C = ``feature_dim``;
+        MobileNetV3: ``features``' output, C = 576). Always the single view, whatever
+        ``test_time_flip`` says: a map averaged with its mirror would blur left and right.
+        Used as per-location targets by representation alignment (``tasks/training/repa.py``)."""
+        net = self.backbone
+        if isinstance(net, tvm.ResNet):
+            x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+            return net.layer4(net.layer3(net.layer2(net.layer1(x))))
+        return net.features(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, 3, H, W) float, normalised -> (B, num_classes) logits."""
         return self.head(self.forward_features(x))

@@ -6,6 +6,8 @@ compute the rectified-flow loss (`models.flow_matching`, t = 0 data, t = 1 noise
 dropout, step AdamW under a warm-up + cosine LR, clip gradients, update the EMA, log, draw an EMA
 sample grid every `sample_every` steps, checkpoint every `ckpt_every_steps` steps or
 `ckpt_every_minutes` minutes. A run dir with checkpoints is resumed from the newest valid one.
+With `repa_teacher`, representation alignment (REPA, `tasks.training.repa`) adds its term to the
+loss and a projector to the trained parameters.
 With `time_budget_minutes` the step count is planned from measured throughput (`tasks.training.budget`)
 and the LR schedule, the EMA window and the checkpoint cadence follow that plan.
 
@@ -53,6 +55,7 @@ from tasks.training.export import (
     write_export,
 )
 from tasks.training.guide import GuideSnapshot
+from tasks.training.repa import AlignedDiT, RepaLog, load_teacher, repa_loss
 from tasks.training.run import TrainingRun
 from tasks.training.run_log import Progress
 from tasks.training.runtime import (
@@ -140,6 +143,8 @@ def train_dit(
     budget = TimeBudget(config.time_budget_minutes, config.steps)
     ref = load_ref(dataset)
     check_cache(config, ref)
+    # REPA's teacher (Yu et al. 2025 §3): a missing or unusable export fails here, in one line.
+    teacher = load_teacher(config.repa_teacher) if config.repa_teacher else None
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(config.device, config.num_threads)
@@ -153,7 +158,12 @@ def train_dit(
     seed_everything(config.seed)
     model = DiT(**config.architecture(num_classes)).to(device)
     ema = EMA(model, decay=_ema_decay(config, config.steps))
-    optimizer = build_adamw(model, config.lr, config.weight_decay)
+    trained = model  # what the optimizer, the gradient clip and DDP see
+    if teacher is not None:  # + REPA's projector, so that DDP averages its gradients too
+        teacher = teacher.to(device)
+        trained = AlignedDiT(model, teacher.channels, config.repa_depth, config.repa_projector_dim)
+        trained, repa_log = trained.to(device), RepaLog(config.log_every, ranks)
+    optimizer = build_adamw(trained, config.lr, config.weight_decay)
     schedule = WarmupCosine(
         optimizer, config.lr, config.warmup_steps, config.steps, config.min_lr_ratio
     )
@@ -167,12 +177,13 @@ def train_dit(
         "optimizer": optimizer,
         "loader": loader,
         "generator": ckpt.GeneratorState(generator),
+        **({"projector": trained.projector} if teacher is not None else {}),
     }
     run = TrainingRun(config, ref.version, run_dir, budget, schedule, parts, progress, "dit", ranks)
     run.resume()  # every part from the newest valid checkpoint, if there is one
     # DDP after the restore: it broadcasts rank 0's weights, which every rank has restored alike.
-    train_model = maybe_compile(data_parallel(model, device, ranks), config.compile)
-    model.train()
+    train_model = maybe_compile(data_parallel(trained, device, ranks), config.compile)
+    trained.train()
     samples = run_dir / SAMPLES_DIR
     guide = GuideSnapshot(run_dir, config.guide_snapshot_fraction)  # kept from before a resume
 
@@ -193,14 +204,21 @@ def train_dit(
                 rank=ranks.rank,
                 world_size=ranks.world_size,
             )
+            total = loss
+            if teacher is not None:
+                align = repa_loss(trained.projected, teacher(x0, model.grid_size))
+                total = loss + config.repa_weight * align
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # DDP averages the gradients over the ranks here
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        total.backward()  # DDP averages the gradients over the ranks here
+        torch.nn.utils.clip_grad_norm_(trained.parameters(), config.grad_clip)
         optimizer.step()
         if ranks.is_main:
             ema.update(model)
 
+        # The logged loss stays the flow-matching one, comparable across recipes; REPA has rows.
         run.step_done(mean_across(loss, ranks), lr)
+        if teacher is not None:
+            repa_log.step(run, align)
         ema.decay = _ema_decay(config, run.total)
         if ranks.is_main and guide.due(run.step, run.total):  # before the checkpoint of this step
             guide.take(ema.shadow, run.step)
@@ -236,6 +254,8 @@ def train_dit(
         "dataset_version": ref.version,
         "train_config": config.model_dump(),
         "steps_trained": run.step,
+        **({"repa_teacher": teacher.identity} if teacher is not None else {}),
     }
     files = write_export(run_dir, plain_state_dict(ema.shadow), export_config)
-    return run.result({**files, "samples": str(final_grid)}, {"ema_decay": ema.decay})
+    extra = {"repa_cosine": repa_log.last} if teacher is not None else {}
+    return run.result({**files, "samples": str(final_grid)}, {"ema_decay": ema.decay, **extra})

@@ -19,6 +19,8 @@ RANKS = {
     "tasks.fingerprint": 2,
     "tasks.promotion": 7,
     "tasks.training": 3,
+    # REPA's teacher is an export, loaded with tasks.exported; only train_dit uses it.
+    "tasks.training.repa": 4,
     "tasks.exported": 4,
     "tasks.configs": 4,
     "tasks.evaluation": 5,

@@ -92,6 +92,17 @@ class DiTConfig(TrainConfig):
     sdpa_backend: Literal["auto", "math"] = Field(
         "auto", description="attention kernel in training: torch's choice, or the unfused math path"
     )
+    # Representation alignment (REPA, Yu et al. 2025 §3; tasks/training/repa.py), off without a
+    # teacher. Never the evaluation's judge: the FD is measured in its features.
+    repa_teacher: str | None = Field(
+        None,
+        min_length=1,
+        description="REPA: classifier export folder or champion:<deployment> whose spatial "
+        "features an early block is aligned to; default: no REPA",
+    )
+    repa_weight: float = Field(0.5, gt=0, description="REPA: lambda, the alignment loss weight")
+    repa_depth: int = Field(2, ge=1, description="REPA: the block (1-based) whose tokens align")
+    repa_projector_dim: int = Field(256, ge=1, description="REPA: projector MLP hidden width")
 
     @model_validator(mode="after")
     def _architecture_fits(self) -> DiTConfig:
@@ -120,6 +131,16 @@ class DiTConfig(TrainConfig):
             raise ValueError(
                 f"hidden_size={width} must be a multiple of 4 for the 2-D sin-cos position "
                 "embedding"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _repa_block_exists(self) -> DiTConfig:
+        depth = self.architecture(num_classes=1)["depth"]
+        if self.repa_teacher is not None and self.repa_depth > depth:
+            raise ValueError(
+                f"repa_depth={self.repa_depth} exceeds the DiT's depth={depth}; align an early "
+                f"block (e.g. repa_depth={max(1, depth // 3)})"
             )
         return self
 
