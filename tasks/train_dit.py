@@ -60,7 +60,7 @@ from tasks.training.run import TrainingRun
 from tasks.training.run_log import Progress
 from tasks.training.runtime import (
     autocast,
-    build_adamw,
+    build_optimizer,
     data_parallel,
     maybe_compile,
     pick_device,
@@ -163,7 +163,7 @@ def train_dit(
         teacher = teacher.to(device)
         trained = AlignedDiT(model, teacher.channels, config.repa_depth, config.repa_projector_dim)
         trained, repa_log = trained.to(device), RepaLog(config.log_every, ranks)
-    optimizer = build_adamw(trained, config.lr, config.weight_decay)
+    optimizer = build_optimizer(trained, config.optimizer, config.lr, config.weight_decay)
     schedule = WarmupCosine(
         optimizer, config.lr, config.warmup_steps, config.steps, config.min_lr_ratio
     )
@@ -201,6 +201,8 @@ def train_dit(
                 labels,
                 config.time_schedule,
                 generator,
+                loc=config.time_loc,
+                scale=config.time_scale,
                 rank=ranks.rank,
                 world_size=ranks.world_size,
             )

@@ -59,8 +59,19 @@ class DiTConfig(TrainConfig):
     stem_channels: int = Field(0, ge=0, description="conv stem width before patchify; 0 = none")
     long_skip: bool = Field(False, description="U-ViT long skips between shallow and deep blocks")
     final_conv: bool = Field(False, description="residual 3x3 conv after unpatchify")
+    norm: Literal["layer", "rms"] = Field("layer", description="LayerNorm or RMSNorm in blocks")
+    mlp: Literal["gelu", "swiglu"] = Field("gelu", description="GELU MLP or SwiGLU")
+    rope: bool = Field(False, description="2-D RoPE in attention instead of sin-cos embeddings")
+    prediction: Literal["velocity", "x"] = Field(
+        "velocity", description="network output: the velocity, or x0 turned into it (Li & He)"
+    )
+    optimizer: Literal["adamw", "muon"] = Field(
+        "adamw", description="muon: Muon for the blocks' matrices, AdamW for the rest"
+    )
     class_dropout_prob: float = Field(0.1, ge=0, lt=1, description="CFG label dropout")
     time_schedule: Literal["uniform", "logit_normal"] = "logit_normal"
+    time_loc: float = Field(0.0, description="logit-normal location (SD3: 0; > 0 favours noise)")
+    time_scale: float = Field(1.0, gt=0, description="logit-normal scale (SD3: 1)")
     flip: bool = Field(True, description="random horizontal flips")
     ema_decay: float = Field(0.9999, ge=0, lt=1)
     ema_max_window: float = Field(
@@ -132,6 +143,11 @@ class DiTConfig(TrainConfig):
                 f"hidden_size={width} must be a multiple of 4 for the 2-D sin-cos position "
                 "embedding"
             )
+        if self.rope and (width // heads) % 4:
+            raise ValueError(
+                f"rope needs a head width (hidden_size / num_heads = {width // heads}) divisible "
+                "by 4; change hidden_size or num_heads, or turn rope off"
+            )
         return self
 
     @model_validator(mode="after")
@@ -163,8 +179,12 @@ class DiTConfig(TrainConfig):
             stem_channels=self.stem_channels,
             long_skip=self.long_skip,
             final_conv=self.final_conv,
+            # As `models.dit.DiT.config`: the block options only where they leave the paper's.
+            **{k: getattr(self, k) for k, v in _BLOCK_DEFAULTS.items() if getattr(self, k) != v},
         )
 
+
+_BLOCK_DEFAULTS = dict(norm="layer", mlp="gelu", rope=False, prediction="velocity")
 
 PRESETS: dict[str, DiTConfig] = {
     # Tests and CI: 64 tokens of width 64, seconds on one core.
