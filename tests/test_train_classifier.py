@@ -153,8 +153,10 @@ def test_smaller_training_crops_are_validated_and_exported_at_the_test_resolutio
     with torch.no_grad():
         stem = exported.backbone.conv1(_normalise(images, torch.device("cpu")))
     bn = exported.backbone.bn1
-    torch.testing.assert_close(bn.running_mean, stem.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(bn.running_var, stem.var((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    # rtol 1e-3: the recalibration sums in batches, in another order than one .var(); CI saw
+    # 1.2e-4 apart. 32 px statistics differ from these by far more.
+    torch.testing.assert_close(bn.running_mean, stem.mean((0, 2, 3)), rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(bn.running_var, stem.var((0, 2, 3)), rtol=1e-3, atol=1e-5)
     # With fewer images than the split, they are spread over it: two are its first and last.
     monkeypatch.setattr("tasks.training.resolution.BN_RECALIBRATION_IMAGES", 2)
     two = recalibrate_batchnorm(exported, split, 4096, torch.device("cpu"))
