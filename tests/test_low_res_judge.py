@@ -8,10 +8,20 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 
 from tasks.configs.classifier import PRESETS, ClassifierConfig
+from tasks.configs.dit import PRESETS as DIT_PRESETS
 from tasks.train_classifier import train_classifier
 from tasks.training.augment import LowResolution
 
-SMALL = PRESETS["cpu-small"].model_dump()
+# The cpu-small preset without its low-resolution share, which each test sets itself.
+SMALL = PRESETS["cpu-small"].model_dump() | {"low_res_fraction": 0.0, "low_res_size": None}
+
+
+def test_the_cpu_small_judge_trains_at_the_size_of_the_cpu_small_dit():
+    """The shipped classifier preset is the §1 judge of the shipped DiT preset's samples: if
+    either preset's size moves, the judge's low-resolution share must move with it."""
+    judge = PRESETS["cpu-small"]
+    assert judge.low_res_fraction > 0
+    assert judge.low_res_size == DIT_PRESETS["cpu-small"].image_size
 
 
 def _images(n: int = 8, size: int = 64) -> torch.Tensor:
