@@ -225,7 +225,7 @@ PRESETS: dict[str, DiTConfig] = {
         ema_decay=0.999,
         cfg_scale=5.0,
         sample_method="heun",
-        sample_steps=8,
+        sample_steps=16,
     ),
     # The Modal default: DiT-S/4 + the cpu-small additions at 128 px, batch 128, one hour; why,
     # with the arithmetic (benchmarks/gpu_presets.py): docs/gpu_presets.md.
