@@ -42,6 +42,7 @@ sys.path.insert(0, str(REPO))
 
 from data.dataset import DatasetRef, DatasetSpec  # noqa: E402
 from data.download import ensure  # noqa: E402
+from tasks.configs.classifier import PRESETS as CLASSIFIER_PRESETS  # noqa: E402
 from tasks.train import build_config  # noqa: E402
 
 PETIMAGES = REPO.parent / "shared" / "datasets" / "petimages" / "kagglecatsanddogs-180px.zip"
@@ -123,15 +124,20 @@ DIT_RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     "guide-50": ("cpu-small", dict(guide_snapshot_fraction=0.5)),
 }
 
-def _issue_6(**overrides: Any) -> dict[str, Any]:
+
+def _issue_6(*bases: dict[str, Any], **overrides: Any) -> dict[str, Any]:
     """Overrides on today's `cpu-small` classifier that give back its issue-6 form (the preset
-    until 2026-12-04: full-size crops throughout, no low-resolution share), plus `overrides`; so
-    the issue-6 recipes keep meaning what their tables in docs/recipes.md measured. The flags
-    cannot set a field to None: `train_image_size` equal to `image_size` is the same as None,
-    and `low_res_size` stays, which only adds the accuracy at 32 px to the table."""
-    size = overrides.get("image_size", 64)
+    until 2026-12-04: full-size crops throughout, no low-resolution share), then `bases` and
+    `overrides` in order; so the issue-6 recipes keep meaning what their tables in
+    docs/recipes.md measured. The flags cannot set a field to None: `train_image_size` equal to
+    `image_size` is the same as None, and `low_res_size` stays, which only adds the accuracy at
+    32 px to the table."""
+    changes: dict[str, Any] = {}
+    for base in (*bases, overrides):
+        changes |= base
+    size = changes.get("image_size", CLASSIFIER_PRESETS["cpu-small"].image_size)
     return dict(train_image_size=size, test_size_finetune_fraction=0.0, low_res_fraction=0.0) | (
-        overrides
+        changes
     )
 
 
@@ -182,27 +188,27 @@ CLASSIFIER_RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     "low-res-25-fixres-batch-32": ("cpu-small", _LOW_RES_FIXRES | dict(batch_size=32)),
     "low-res-25-fixres-resnet10": ("cpu-small", _LOW_RES_FIXRES | _RESNET10),
     # ResNet-8 plus the last stage: more capacity, half the images per second on AVX2.
-    "resnet10": ("cpu-small", _issue_6(**_RESNET10)),
+    "resnet10": ("cpu-small", _issue_6(_RESNET10)),
     # The same without averaging over the mirror at test time.
     "resnet10-no-flip-tta": (
         "cpu-small",
-        _issue_6(**_RESNET10, test_time_flip=False, **_EVERY_EPOCH),
+        _issue_6(_RESNET10, _EVERY_EPOCH, test_time_flip=False),
     ),
-    "resnet10-48px": ("cpu-small", _issue_6(**_RESNET10, image_size=48)),
-    "resnet10-80px": ("cpu-small", _issue_6(**_RESNET10, image_size=80)),
-    "resnet10-lr-4e-3": ("cpu-small", _issue_6(**_RESNET10, lr=4e-3)),
-    "resnet18-48px": ("cpu-small", _issue_6(**_RESNET18)),
+    "resnet10-48px": ("cpu-small", _issue_6(_RESNET10, image_size=48)),
+    "resnet10-80px": ("cpu-small", _issue_6(_RESNET10, image_size=80)),
+    "resnet10-lr-4e-3": ("cpu-small", _issue_6(_RESNET10, lr=4e-3)),
+    "resnet18-48px": ("cpu-small", _issue_6(_RESNET18)),
     # ResNet-18 at 64 px: the preset before 2026-12-02.
-    "resnet18-64px": ("cpu-small", _issue_6(**{**_RESNET18, "image_size": 64})),
+    "resnet18-64px": ("cpu-small", _issue_6(_RESNET18, image_size=64)),
     # ResNet-18 at 64 px with crops down to 35% of the area and colour jitter 0.2 (the preset
     # before 2026-11-29): too strong for a model that underfits in its few epochs.
     "resnet18-heavy-aug": (
         "cpu-small",
-        _issue_6(**{**_RESNET18, "image_size": 64, "crop_scale_min": 0.35, "color_jitter": 0.2}),
+        _issue_6(_RESNET18, image_size=64, crop_scale_min=0.35, color_jitter=0.2),
     ),
-    "resnet18-96px": ("cpu-small", _issue_6(**{**_RESNET18, "image_size": 96})),
+    "resnet18-96px": ("cpu-small", _issue_6(_RESNET18, image_size=96)),
     # Half the batch: more steps for the same images (what won for the DiT).
-    "resnet18-batch-32": ("cpu-small", _issue_6(**_RESNET18, batch_size=32)),
+    "resnet18-batch-32": ("cpu-small", _issue_6(_RESNET18, batch_size=32)),
 }
 
 RECIPES = {"dit": DIT_RECIPES, "classifier": CLASSIFIER_RECIPES}
