@@ -8,7 +8,11 @@ Prints one table:
   prefetched), to show its gain;
 - with two or more GPUs (or `--ddp N`), the DiT at world size N and its scaling efficiency
   (images/s at N over N times images/s at 1, the same global batch);
-- a budgeted `gpu`-preset DiT run (`--dit-minutes`, 5) whose final sample grid is copied to `--grid`.
+- a budgeted `gpu`-preset DiT run (`--dit-minutes`, 5) whose final sample grid is copied to `--grid`,
+  with the held-out loss of its EMA export (`held_out_loss`); with `--x-pred`, a second budgeted run
+  with `prediction="x"` (issue 21: does x-prediction pay at the `gpu` preset's patch 4?), its grid
+  beside the first (`<grid>-x-pred.png`). The two held-out losses are the same velocity MSE on the
+  same validation images, times and noise, so they compare directly.
 
 Every training goes through `tasks.train.train(model, preset, overrides, dataset, run_dir)` with
 config overrides only. The throughput rows run `--steps` steps each, unbudgeted, with no
@@ -145,9 +149,41 @@ def throughput(
     }
 
 
-def budgeted_dit(dataset: Any, work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """The `gpu` DiT for `--dit-minutes` (the budget includes compile, grids and exports); its
-    final sample grid copied to `--grid`."""
+@torch.no_grad()
+def held_out_loss(export: str | Path, dataset: Any, device: str, repeats: int = 4) -> float:
+    """The flow-matching loss (velocity MSE, `models.flow_matching.flow_matching_loss`) of the DiT
+    export in `export` on every validation image of `dataset`, `repeats` times each, with times
+    and noise drawn from a generator seeded with 0: two exports of one preset see the very same
+    (x0, t, noise) triples, so their losses compare pairwise, whatever each model predicts
+    internally (x-prediction is converted to a velocity inside the model). Unitless, float.
+
+    Raises ValueError when the data set has no cache at the export's image size.
+    """
+    from data.dataset import open_split
+    from models.flow_matching import flow_matching_loss
+    from tasks.exported import load_dit
+
+    model = load_dit(export, device)
+    split = open_split(dataset, model.input_size, "val")
+    generator = torch.Generator(device).manual_seed(0)
+    total, count = 0.0, 0
+    for _ in range(repeats):
+        for start in range(0, len(split), 128):
+            rows = split.indices[start : start + 128]
+            images = torch.from_numpy(split.images[rows]).to(device).permute(0, 3, 1, 2)
+            x0 = (images.float() / 255 - 0.5) / 0.5  # the training pixels' [-1, 1]
+            y = torch.from_numpy(split.labels[rows]).to(device)
+            loss = flow_matching_loss(model, x0, y, generator=generator)
+            total, count = total + loss.item() * len(rows), count + len(rows)
+    return total / count
+
+
+def budgeted_dit(
+    dataset: Any, work: Path, args: argparse.Namespace, **extra: Any
+) -> dict[str, Any]:
+    """The `gpu` DiT (plus `extra` overrides) for `--dit-minutes` (the budget includes compile,
+    grids and exports); its final sample grid copied to `--grid` (suffixed by the overrides'
+    values when there are any), and the held-out loss of its export."""
     from tasks.train import build_config, train
 
     overrides: dict[str, Any] = {
@@ -158,11 +194,14 @@ def budgeted_dit(dataset: Any, work: Path, args: argparse.Namespace) -> dict[str
     }
     if args.smoke:
         overrides.update(SMOKE["dit"])
+    overrides.update(extra)
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    result = train("dit", "gpu", overrides, dataset, work / "dit-budgeted")
+    suffix = "".join(f"-{value}-pred" for value in extra.values())
+    result = train("dit", "gpu", overrides, dataset, work / f"dit-budgeted{suffix}")
     grid = Path(args.grid)
+    grid = grid.with_name(f"{grid.stem}{suffix}{grid.suffix}")
     grid.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(result["files"]["samples"], grid)
     metrics = result["metrics"]
@@ -173,6 +212,7 @@ def budgeted_dit(dataset: Any, work: Path, args: argparse.Namespace) -> dict[str
         "peak_gb": _peak_memory_gb(device),
         "config": config,
         "grid": str(grid),
+        "held_out_loss": held_out_loss(result["run_dir"], dataset, args.device),
     }
 
 
@@ -224,11 +264,16 @@ def run_check(args: argparse.Namespace) -> list[tuple[str, dict[str, Any] | str]
         else:
             rows.append(("dit ddp", f"skipped: {gpus} {device.type} device (needs 2+, or --ddp N)"))
         if args.dit_minutes > 0:
-            run = budgeted_dit(dataset, work, args)
-            run["mfu"] = _mfu(run, "dit", classes, peak)  # its average, compile and grids included
-            loss = "-" if run["final_loss"] is None else f"{run['final_loss']:.4f}"
-            note = f"{run['steps']} steps, loss {loss}, grid {run['grid']}"
-            rows.append((f"dit {args.dit_minutes:g}-min", {**run, "note": note}))
+            variants = [("", {}), (" x-pred", {"prediction": "x"})][: 2 if args.x_pred else 1]
+            for label, extra in variants:
+                run = budgeted_dit(dataset, work, args, **extra)
+                run["mfu"] = _mfu(run, "dit", classes, peak)  # average: compile, grids included
+                loss = "-" if run["final_loss"] is None else f"{run['final_loss']:.4f}"
+                note = (
+                    f"{run['steps']} steps, loss {loss}, held-out {run['held_out_loss']:.4f},"
+                    f" grid {run['grid']}"
+                )
+                rows.append((f"dit {args.dit_minutes:g}-min{label}", {**run, "note": note}))
         else:
             rows.append(("dit budgeted", "skipped: --dit-minutes 0"))
     finally:
@@ -274,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-every", type=int, help="steps between progress rows (5; smoke 1)")
     parser.add_argument("--dit-minutes", type=float, help="budget of the DiT run (5; smoke 0.1)")
     parser.add_argument("--ddp", type=int, default=0, help="world size of the DDP row (0: auto)")
+    parser.add_argument(
+        "--x-pred", action="store_true", help="a second budgeted DiT with prediction='x'"
+    )
     args = parser.parse_args(argv)
     defaults = (6, 2, 1, 0.1) if args.smoke else (60, 20, 5, 5.0)
     for name, value in zip(("steps", "warmup", "log_every", "dit_minutes"), defaults, strict=True):

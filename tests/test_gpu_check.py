@@ -18,11 +18,11 @@ def test_smoke_prints_every_row_and_saves_the_grid(shared_datasets: Path, tmp_pa
     grid = tmp_path / "out" / "grid.png"
     command = [sys.executable, "-m", "benchmarks.gpu_check", "--device", "cpu", "--smoke"]
     proc = subprocess.run(
-        [*command, "--grid", str(grid), "--ddp", "2"],
+        [*command, "--grid", str(grid), "--ddp", "2", "--x-pred"],
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=900,  # ~30 s on a quiet 2-core machine; minutes when other jobs share it
+        timeout=900,  # ~40 s on a quiet 2-core machine; minutes when other jobs share it
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -40,5 +40,41 @@ def test_smoke_prints_every_row_and_saves_the_grid(shared_datasets: Path, tmp_pa
         assert images_per_s > 0 and step_s > 0 and mfu.endswith("%"), rows[name]
     assert "scaling efficiency" in rows["dit ddp-2"]
     assert str(grid) in rows["dit 0.1-min"]
-    with Image.open(grid) as image:
-        assert image.width > 32 and image.height > 32  # two class rows of 32 px samples
+    x_grid = grid.with_name("grid-x-pred.png")
+    assert str(x_grid) in rows["dit 0.1-min x-pred"]
+    held_out = {}
+    for name in ("dit 0.1-min", "dit 0.1-min x-pred"):
+        held_out[name] = float(re.search(r"held-out (\d+\.\d+)", rows[name]).group(1))
+    # Both are velocity MSEs on the same images, times and noise: finite, and not the same model
+    assert all(0 < value < 10 for value in held_out.values()), held_out
+    assert held_out["dit 0.1-min"] != held_out["dit 0.1-min x-pred"], held_out
+    for path in (grid, x_grid):
+        with Image.open(path) as image:
+            assert image.width > 32 and image.height > 32  # two class rows of 32 px samples
+
+
+def test_held_out_loss_is_paired_and_falls_with_training(oxford_mini_species_ref, tmp_path: Path):
+    """The held-out loss draws the same (t, noise) for every export, so a second call on the same
+    export gives the same number to the last bit, and a trained export scores below the same
+    model after a single step."""
+    from benchmarks.gpu_check import NEVER, SMOKE, held_out_loss
+    from tasks.train import train
+
+    losses = {}
+    for steps in (1, 60):
+        overrides = {
+            **SMOKE["dit"],
+            "steps": steps,
+            "time_budget_minutes": None,
+            "progress_bar": False,
+            "device": "cpu",
+            "world_size": 1,
+            "sample_every": NEVER,
+            "ckpt_every_steps": NEVER,
+            "ema_decay": 0.0,  # the export is the last step's weights: what training reached
+        }
+        result = train("dit", "gpu", overrides, oxford_mini_species_ref, tmp_path / str(steps))
+        first = held_out_loss(result["run_dir"], oxford_mini_species_ref, "cpu", repeats=2)
+        assert held_out_loss(result["run_dir"], oxford_mini_species_ref, "cpu", repeats=2) == first
+        losses[steps] = first
+    assert losses[60] < losses[1], losses
