@@ -4,6 +4,7 @@ promotion decisions over real report files."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import time
@@ -170,3 +171,43 @@ def test_the_judge_is_a_classifier_champion_whose_classes_cover_the_dits(tmp_pat
     assert find_judge(["a", "z"]) is None  # it has never seen z
     with pytest.raises(FileNotFoundError, match="no dit champion yet"):
         resolve("champion:nightly", "dit")
+
+
+def test_a_repa_teachers_weights_are_part_of_the_dits_fingerprint(tmp_path, monkeypatch):
+    """`repa_teacher` names a folder or a champion, names that outlive the weights behind them:
+    a new classifier champion, or an export overwritten in place, changes what the DiT is aligned
+    to, so the change check must see it even though the config's text is the same."""
+    from tasks.adapters.lifecycle import check_for_changes
+
+    monkeypatch.setenv("TRAIN_CATS_RUNS_DIR", str(tmp_path))
+    spec = DatasetSpec(source="/x/images.tar.gz")
+    folder = tmp_path / "teacher"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"first weights")
+
+    def check(teacher: str) -> dict:
+        config = {"lr": 1e-3, "repa_teacher": teacher}
+        return check_for_changes.fn(spec, {"dit": config}, ["dit"], "d", probe=False).fingerprint
+
+    by_folder = check(str(folder))
+    assert check(str(folder)) == by_folder  # the same bytes: the same fingerprint
+    (folder / "model.safetensors").write_bytes(b"retrained weights")
+    assert changes(check(str(folder)), by_folder) == [
+        "dit.repa_teacher_identity: 'sha256:"
+        + hashlib.sha256(b"first weights").hexdigest()
+        + "' -> 'sha256:"
+        + hashlib.sha256(b"retrained weights").hexdigest()
+        + "'"
+    ]
+    gone = check(str(tmp_path / "gone"))["configs"]["dit"]
+    assert "not readable" in gone["repa_teacher_identity"]
+
+    assert check("champion:all")["configs"]["dit"]["repa_teacher_identity"] == (
+        "no classifier champion yet"
+    )
+    reports = tmp_path / "reports"
+    for run in ("run1", "run2"):
+        report = _report(reports, run, {"classifier.accuracy": 0.8 if run == "run1" else 0.9})
+        promote("all", "classifier", f"{run}/classifier", report, {}, lambda c, r=report: r)
+        identity = check("champion:all")["configs"]["dit"]["repa_teacher_identity"]
+        assert identity == f"run {run}/classifier"

@@ -15,8 +15,10 @@ Both work where the backend keeps its runs: the local runs root, or on Modal the
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -34,6 +36,7 @@ from tasks.evaluation.options import EvalOptions
 from tasks.fingerprint import changes, fingerprint
 from tasks.paths import RUNS_VOLUME, runs_root
 from tasks.promotion import Decision, promote_runs
+from tasks.training.export import WEIGHTS
 
 
 @dataclass
@@ -103,9 +106,35 @@ def check_for_changes(
         known = [c.fingerprint["dataset"].get("source_revision") for c in champions.values() if c]
         revision = source_revision(spec, known[0] if known else None)
         spec = spec.model_copy(update={"source_revision": revision.value})
+    configs = {m: _with_teacher_identity(c, backend) for m, c in configs.items()}
     current = fingerprint(spec.model_dump(mode="json"), configs)
     changed = sorted({line for m in models for line in _changes(current, champions[m], m)})
     return ChangeCheck(spec, current, changed)
+
+
+def teacher_identity(teacher: str, backend: Backend = "local") -> str:
+    """What a REPA teacher named by `teacher` is now: for `champion:<deployment>`, the run dir of
+    that deployment's classifier champion (where `backend` keeps it); for an export folder, the
+    sha256 of its weights. The name alone stays the same when a newer champion or an overwritten
+    export changes the features that the DiT is aligned to."""
+    if teacher.startswith(champions.PREFIX):
+        found = champions_of(backend, "classifier", [teacher[len(champions.PREFIX) :]])
+        return f"run {found[0].run_name}" if found else "no classifier champion yet"
+    weights = Path(teacher).expanduser() / WEIGHTS
+    if not weights.is_file():
+        return f"{weights} not readable from the flow"
+    digest = hashlib.sha256()
+    with weights.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()
+
+
+def _with_teacher_identity(config: dict[str, Any], backend: Backend) -> dict[str, Any]:
+    teacher = config.get("repa_teacher")
+    if not teacher:
+        return config
+    return {**config, "repa_teacher_identity": teacher_identity(teacher, backend)}
 
 
 def _changes(current: dict[str, Any], champion: Champion | None, model: str) -> list[str]:
