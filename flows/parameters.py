@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from data.dataset import DatasetSpec, default_data_dir, local_path, read_manifest
 from tasks.adapters.costs import parse_gpu
 from tasks.adapters.limits import DEFAULT_MAX_QUEUE_MINUTES
+from tasks.champions import PREFIX, resolve
 from tasks.configs import MODELS, ModelName, build_config
 from tasks.evaluation.options import EvalOptions
 from tasks.paths import APP_NAME, DEFAULT_GPU
@@ -133,6 +134,8 @@ def plan(
     configs = {m: build_config(m, presets[m], training[m].overrides) for m in models}
     if compute.backend == "modal":
         _require_even_split(configs, compute.gpu)
+    if "dit" in configs:
+        _require_reachable_teacher(configs["dit"].repa_teacher, compute.backend)
     sizes = {config.image_size for config in configs.values()}
     # Validated again (model_copy would not), so a trained size beyond the spec's bounds is
     # refused here, naming the field, instead of packing a gigantic cache.
@@ -215,6 +218,35 @@ def _require_local_source(dataset: DatasetSpec, check_network: bool) -> None:
         raise ValueError(
             f"dataset.source {dataset.source!r} is not a file ({local_path(dataset.source)}); "
             "pass an existing archive path, a file:// URL or an http(s):// URL as dataset.source"
+        )
+
+
+def _require_reachable_teacher(teacher: str | None, backend: str) -> None:
+    """REPA's teacher is loaded where the DiT trains, after the dataset is built: check now that
+    it can be, rather than in a GPU container or after a download. Locally, the folder (or the
+    champion's run dir) must hold an export; a Modal container sees only its volumes, so there it
+    must be a champion or a folder on the runs volume (the container reads the champion)."""
+    if teacher is None:
+        return
+    if backend == "modal":
+        if not teacher.startswith((PREFIX, "/runs/")):  # modal_app.RUNS_MOUNT, without Modal
+            raise ValueError(
+                f"dit.repa_teacher {teacher!r} is not reachable from a Modal container: pass "
+                f"{PREFIX}<deployment> or a classifier export on the runs volume "
+                "(/runs/<run name>/classifier)"
+            )
+        return
+    try:
+        folder = resolve(teacher, "classifier")
+    except FileNotFoundError as exc:  # a deployment without a classifier champion
+        raise ValueError(f"dit.repa_teacher {teacher!r}: {exc}") from None
+    missing = [
+        name for name in ("model.safetensors", "config.json") if not (folder / name).is_file()
+    ]
+    if missing:
+        raise ValueError(
+            f"dit.repa_teacher {teacher!r}: no classifier export at {folder} ({' and '.join(missing)}"
+            f" missing): pass a finished classifier run dir or {PREFIX}<deployment>"
         )
 
 

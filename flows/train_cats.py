@@ -104,7 +104,8 @@ def train_cats(
     # A DiT trained alone is judged by a classifier champion that knows its classes, if any.
     judge = None
     if evaluation.enabled and "classifier" not in models:
-        judge = lifecycle.find_judge(ref["classes"], compute.backend)
+        teacher = configs.get("dit", {}).get("repa_teacher")
+        judge = lifecycle.find_judge(ref["classes"], compute.backend, teacher)
     if evaluation.enabled:
         report = spend.bounded(evaluate_task, limits.get("evaluate"))(
             ref,
@@ -136,4 +137,3 @@ def train_cats(
     )
     name = "Promoted" if all(d.promoted for d in decisions.values()) else "Challenger"
     return Completed(name=name, message=verdicts, data=summary)
-

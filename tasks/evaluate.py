@@ -34,7 +34,7 @@ if __name__ == "__main__":  # the command line checks its flags before the impor
 
     sys.exit(run_cli(load))
 
-from data.dataset import DatasetRef, load_ref
+from data.dataset import DatasetRef, load_ref, sha256_file
 from tasks.evaluation import history
 from tasks.evaluation.compute import compute_report, dataset_identity, other_version_notes
 from tasks.evaluation.options import EvalOptions, validated
@@ -48,7 +48,7 @@ from tasks.evaluation.report import (
     reports_dir,
 )
 from tasks.paths import run_path
-from tasks.training.export import read_export_config
+from tasks.training.export import WEIGHTS, read_export_config
 
 Export = tuple[Path, dict[str, Any]]
 
@@ -149,6 +149,19 @@ def evaluate_runs(
     )
 
 
+def _check_not_the_teacher(judge: Path, dit_export: Export) -> None:
+    """A DiT trained with REPA was pulled towards its teacher's features (Yu et al. 2025 §3);
+    judged in those same features, its FD, KID and conditional accuracy would flatter it. The
+    teacher is known by the weights' sha256 that the DiT's export recorded."""
+    teacher = dit_export[1].get("repa_teacher") or {}
+    if teacher.get("weights_sha256") == sha256_file(judge / WEIGHTS):
+        raise ValueError(
+            f"the classifier {judge} is the REPA teacher of the DiT {dit_export[0]}: its features "
+            "are what the DiT was trained towards, so they cannot judge it; pass another "
+            "classifier export (e.g. one trained on the same data with another seed)"
+        )
+
+
 def _check_exports(
     ref: DatasetRef, classifier: str | Path | None, dit: str | Path | None
 ) -> tuple[Export | None, Export | None]:
@@ -181,6 +194,7 @@ def _check_exports(
                     f"DiT's classes {missing} (it has {config['classes']}); pass one whose "
                     "classes cover the DiT's, such as the `classifier` deployment's champion"
                 )
+            _check_not_the_teacher(folder, dit_export)
         missing = [name for name in ref.classes if name not in config["classes"]]
         if missing:
             raise ValueError(

@@ -101,6 +101,10 @@ def test_an_unknown_flag_is_one_line_pointing_at_help(cli):
         ([*FLOW_CLI, "--checksum", "md5:xyz"], 2, "--checksum: checksum 'md5:xyz' is not ALGO:HEX"),
         ([*FLOW_CLI, "--params", '{"dit": {"overrides": {"patch_size": 5}}}'], 2,
          "patch_size=5 must divide image_size=32"),
+        ([*FLOW_CLI, "--params", '{"dit": {"overrides": {"repa_teacher": "/nonexistent/t"}}}'],
+         2, "dit.repa_teacher '/nonexistent/t': no classifier export at /nonexistent/t"),
+        ([*FLOW_CLI, "--params", '{"dit": {"overrides": {"repa_teacher": "champion:nope"}}}'],
+         2, "deployment 'nope' has no classifier champion yet"),
         ([*TRAIN_DIT, "--dataset", "/nonexistent", "--run-dir", "r"], 2, "'/nonexistent' does not"),
         ([*TRAIN_DIT, "--dataset", "/x", "--run-dir", "r", "--patch-size", "5"], 2,
          "error: patch_size=5 must divide image_size=32"),
@@ -275,3 +279,16 @@ def test_the_automation_command_without_a_server_ends_on_one_line():
     assert done.returncode == 1
     (line,) = done.stderr.strip().splitlines()
     assert "did not answer (start `prefect server start`" in line and "127.0.0.1:9" in line
+
+
+def test_a_modal_dit_takes_only_a_teacher_that_its_container_can_read():
+    """A Modal container sees its volumes, not this machine's files: a local teacher folder is
+    refused before anything starts; a champion or a folder on the runs volume is left to the
+    container, which reads them."""
+    from flows.parameters import _require_reachable_teacher
+
+    with pytest.raises(ValueError, match="'/home/me/teacher' is not reachable from a Modal"):
+        _require_reachable_teacher("/home/me/teacher", "modal")
+    _require_reachable_teacher("champion:all", "modal")
+    _require_reachable_teacher("/runs/2026-12-04/x/classifier", "modal")
+    _require_reachable_teacher(None, "local")

@@ -211,3 +211,19 @@ def test_a_repa_teachers_weights_are_part_of_the_dits_fingerprint(tmp_path, monk
         promote("all", "classifier", f"{run}/classifier", report, {}, lambda c, r=report: r)
         identity = check("champion:all")["configs"]["dit"]["repa_teacher_identity"]
         assert identity == f"run {run}/classifier"
+
+
+def test_a_dits_judge_is_never_its_repa_teacher(tmp_path, monkeypatch):
+    """A `dit` deployment aligned to the `classifier` deployment's champion is judged by another
+    classifier champion, or by none: never by the features it was trained towards."""
+    from tasks.adapters.lifecycle import find_judge as flow_find_judge
+
+    monkeypatch.setenv("TRAIN_CATS_RUNS_DIR", str(tmp_path))
+    for deployment, accuracy in (("older", 0.8), ("classifier", 0.9)):  # "classifier" is newer
+        report = _report(tmp_path / "reports", deployment, {"classifier.accuracy": accuracy})
+        promote(deployment, "classifier", f"{deployment}/run", report, {}, lambda c, r=report: r)
+        time.sleep(1.1)  # promoted_at has whole seconds: "classifier" must be strictly newer
+    assert flow_find_judge(["a"], "local").run_name == "classifier/run"  # the newest
+    for teacher in ("champion:classifier", str(tmp_path / "classifier" / "run")):
+        assert flow_find_judge(["a"], "local", teacher).run_name == "older/run", teacher
+    assert flow_find_judge(["a"], "local", "champion:elsewhere").run_name == "classifier/run"

@@ -5,6 +5,7 @@ bad teachers or depths fail in one line before any work."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -261,3 +262,21 @@ def test_the_repa_recipe_needs_a_teacher_that_is_not_the_judge(teacher_dir, monk
         "cpu-small",
         {"repa_teacher": str(teacher_dir), "repa_depth": 2},
     )
+
+
+def test_the_evaluation_refuses_the_dits_teacher_as_its_judge(
+    trained, teacher_dir, oxford_mini_species_ref, tmp_path
+):
+    """The DiT was pulled towards the teacher's features: judged in them it would look better
+    than it is. The evaluation refuses the pair before any model runs and writes nothing; a copy
+    of the teacher's weights elsewhere is the same judge, and is refused too."""
+    from tasks.evaluate import evaluate
+
+    result, _ = trained
+    copy = tmp_path / "copy"
+    shutil.copytree(teacher_dir, copy)
+    for judge in (teacher_dir, copy):
+        out = tmp_path / f"report-{judge.name}"
+        with pytest.raises(ValueError, match="is the REPA teacher of the DiT"):
+            evaluate(oxford_mini_species_ref, classifier=judge, dit=result["run_dir"], out=out)
+        assert not out.exists()

@@ -80,9 +80,22 @@ def _volume_champion(deployment: str, kind: str) -> Champion | None:
         return None
 
 
-def find_judge(classes: list[str], backend: Backend) -> Champion | None:
-    """`tasks.champions.find_judge` among the champions where `backend` keeps them."""
-    return champions.find_judge(classes, champions_of(backend, "classifier"))
+def find_judge(classes: list[str], backend: Backend, teacher: str | None = None) -> Champion | None:
+    """`tasks.champions.find_judge` among the champions where `backend` keeps them, less the
+    DiT's REPA `teacher` (`champion:<deployment>` or a run dir): the DiT was trained towards its
+    features, which would flatter it as a judge (`tasks.evaluate` refuses that pair)."""
+    pool = champions_of(backend, "classifier")
+    if teacher:
+        pool = [c for c in pool if not _is_teacher(c, teacher, backend)]
+    return champions.find_judge(classes, pool)
+
+
+def _is_teacher(champion: Champion, teacher: str, backend: Backend) -> bool:
+    if teacher.startswith(champions.PREFIX):
+        return champion.deployment == teacher[len(champions.PREFIX) :]
+    if backend == "modal":  # a folder on the runs volume, as the container sees it
+        return teacher.rstrip("/") == f"/runs/{champion.run_name}"
+    return Path(teacher).expanduser().resolve() == champion.run_dir.resolve()
 
 
 @task(name="check_for_changes", task_run_name="check_for_changes · {deployment}")
