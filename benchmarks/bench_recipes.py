@@ -112,6 +112,20 @@ DIT_RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     "repa": ("cpu-small", dict(repa_teacher=REPA_TEACHER, repa_depth=2)),
     # The two levers that did not lose alone, together (issue 21 §3).
     "x-pred-repa": ("cpu-small", dict(prediction="x", repa_teacher=REPA_TEACHER, repa_depth=2)),
+    # The same with another seed (initialisation, batches, noise): is its win one draw's luck?
+    "x-pred-repa-seed-1": (
+        "cpu-small",
+        dict(prediction="x", repa_teacher=REPA_TEACHER, repa_depth=2, seed=1),
+    ),
+    # The winner's learning rate retuned (issue 21 §3), both ways from the preset's 1e-3.
+    "x-pred-repa-lr-2e-3": (
+        "cpu-small",
+        dict(prediction="x", repa_teacher=REPA_TEACHER, repa_depth=2, lr=2e-3),
+    ),
+    "x-pred-repa-lr-5e-4": (
+        "cpu-small",
+        dict(prediction="x", repa_teacher=REPA_TEACHER, repa_depth=2, lr=5e-4),
+    ),
     # x-prediction with the learning rate retuned (twice the preset's).
     "x-pred-lr-2e-3": ("cpu-small", dict(prediction="x", lr=2e-3)),
     # The reference layout's width and depth (256 x 8 instead of DiT-Ti's 192 x 6).

@@ -33,3 +33,14 @@ def test_plain_dit_recipe_is_the_issue_baseline_and_not_the_preset():
     assert (arch["stem_channels"], arch["long_skip"], arch["final_conv"]) == (0, False, False)
     assert not arch["qk_norm"] and plain.sdpa_backend == "auto"
     assert _config("dit", "cpu-small") == DIT_PRESETS["cpu-small"].model_dump()
+
+
+def test_the_repa_preset_is_the_measured_winner_with_the_classifier_champion_as_teacher():
+    """`cpu-small-repa` must be what round two measured as x-pred-repa, field for field, with the
+    `classifier` deployment's champion in the teacher's place (the recipe takes a folder)."""
+    preset = DIT_PRESETS["cpu-small-repa"].model_dump()
+    recipe = _config("dit", "x-pred-repa")
+    assert preset.pop("repa_teacher") == "champion:classifier"
+    recipe.pop("repa_teacher")
+    assert preset == recipe
+    assert (preset["prediction"], preset["repa_depth"]) == ("x", 2)

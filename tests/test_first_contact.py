@@ -292,3 +292,17 @@ def test_a_modal_dit_takes_only_a_teacher_that_its_container_can_read():
     _require_reachable_teacher("champion:all", "modal")
     _require_reachable_teacher("/runs/2026-12-04/x/classifier", "modal")
     _require_reachable_teacher(None, "local")
+
+
+def test_the_repa_preset_without_a_classifier_champion_fails_in_one_line(tmp_path):
+    """`cpu-small-repa` aligns to the `classifier` deployment's champion: without one, the flow's
+    command line says so, and how to get one, before anything is built or imported."""
+    done = subprocess.run(
+        [sys.executable, *FLOW_CLI, "--params", '{"dit": {"preset": "cpu-small-repa"}}'],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "TRAIN_CATS_RUNS_DIR": str(tmp_path / "runs")},
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.splitlines()
+    assert "dit.repa_teacher 'champion:classifier': deployment 'classifier' has no" in line
+    assert "train-cats --deployment classifier" in line
