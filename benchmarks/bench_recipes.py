@@ -51,6 +51,8 @@ PETIMAGES_SHA256 = "8bbd2356c185cce16913e0db65c3c06162824687d9faae6487f69551adc7
 # The REPA recipes' teacher: `--repa-teacher PATH` replaces this placeholder (`_use_teacher`)
 # before anything trains; without the flag, choosing such a recipe is a usage error.
 REPA_TEACHER = "<from --repa-teacher>"
+# Issue 21's winner, the base of its repeats and retunings (the preset `cpu-small-repa`).
+X_PRED_REPA: dict[str, Any] = dict(prediction="x", repa_teacher=REPA_TEACHER, repa_depth=2)
 
 # name -> (preset, overrides). "cpu-small" is the preset as shipped; the others change one thing
 # each, so the table reads as an ablation of it, except "plain", the issue's reference recipe.
@@ -111,21 +113,12 @@ DIT_RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     # spatial features, lambda = 0.5 (the paper's); the teacher must not be the judge.
     "repa": ("cpu-small", dict(repa_teacher=REPA_TEACHER, repa_depth=2)),
     # The two levers that did not lose alone, together (issue 21 §3).
-    "x-pred-repa": ("cpu-small", dict(prediction="x", repa_teacher=REPA_TEACHER, repa_depth=2)),
+    "x-pred-repa": ("cpu-small", X_PRED_REPA),
     # The same with another seed (initialisation, batches, noise): is its win one draw's luck?
-    "x-pred-repa-seed-1": (
-        "cpu-small",
-        dict(prediction="x", repa_teacher=REPA_TEACHER, repa_depth=2, seed=1),
-    ),
+    "x-pred-repa-seed-1": ("cpu-small", {**X_PRED_REPA, "seed": 1}),
     # The winner's learning rate retuned (issue 21 §3), both ways from the preset's 1e-3.
-    "x-pred-repa-lr-2e-3": (
-        "cpu-small",
-        dict(prediction="x", repa_teacher=REPA_TEACHER, repa_depth=2, lr=2e-3),
-    ),
-    "x-pred-repa-lr-5e-4": (
-        "cpu-small",
-        dict(prediction="x", repa_teacher=REPA_TEACHER, repa_depth=2, lr=5e-4),
-    ),
+    "x-pred-repa-lr-2e-3": ("cpu-small", {**X_PRED_REPA, "lr": 2e-3}),
+    "x-pred-repa-lr-5e-4": ("cpu-small", {**X_PRED_REPA, "lr": 5e-4}),
     # x-prediction with the learning rate retuned (twice the preset's).
     "x-pred-lr-2e-3": ("cpu-small", dict(prediction="x", lr=2e-3)),
     # The reference layout's width and depth (256 x 8 instead of DiT-Ti's 192 x 6).

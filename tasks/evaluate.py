@@ -154,7 +154,7 @@ def _check_not_the_teacher(judge: Path, dit_export: Export) -> None:
     judged in those same features, its FD, KID and conditional accuracy would flatter it. The
     teacher is known by the weights' sha256 that the DiT's export recorded."""
     teacher = dit_export[1].get("repa_teacher") or {}
-    if teacher.get("weights_sha256") == sha256_file(judge / WEIGHTS):
+    if "weights_sha256" in teacher and teacher["weights_sha256"] == sha256_file(judge / WEIGHTS):
         raise ValueError(
             f"the classifier {judge} is the REPA teacher of the DiT {dit_export[0]}: its features "
             "are what the DiT was trained towards, so they cannot judge it; pass another "

@@ -15,7 +15,6 @@ Both work where the backend keeps its runs: the local runs root, or on Modal the
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import deployment as this_deployment
 from prefect.runtime import flow_run
 
-from data.dataset import DatasetSpec
+from data.dataset import DatasetSpec, sha256_file
 from data.revision import source_revision
 from tasks import champions
 from tasks.adapters import modal_calls
@@ -136,11 +135,7 @@ def teacher_identity(teacher: str, backend: Backend = "local") -> str:
     weights = Path(teacher).expanduser() / WEIGHTS
     if not weights.is_file():
         return f"{weights} not readable from the flow"
-    digest = hashlib.sha256()
-    with weights.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return "sha256:" + digest.hexdigest()
+    return "sha256:" + sha256_file(weights)
 
 
 def _with_teacher_identity(config: dict[str, Any], backend: Backend) -> dict[str, Any]:
