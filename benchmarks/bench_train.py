@@ -12,6 +12,10 @@ Targets (issue #3 §4): DiT cpu-small >= 35% of the matmul peak, packed loader >
 cpu-small peak RSS < 3 GB.
 
     .venv/bin/python -m benchmarks.bench_train --presets cpu-tiny cpu-small --steps 20
+    .venv/bin/python -m benchmarks.bench_train --presets cpu-small --precisions fp32 bf16
+
+`--precisions` trains each pair once per autocast precision, side by side in one run: whether
+bf16 pays depends on the CPU (AMX or AVX-512 BF16; see `tasks.training.runtime`).
 """
 
 from __future__ import annotations
@@ -65,8 +69,11 @@ def dit_flops_per_step(config, num_classes: int) -> float:
     return float(counter.get_total_flops())
 
 
-def run_one(model: str, preset: str, steps: int, dataset: str, run_dir: str) -> dict:
-    """Train `model` with `preset` for `steps` steps in this process; return its figures."""
+def run_one(
+    model: str, preset: str, steps: int, dataset: str, run_dir: str, precision: str = "auto"
+) -> dict:
+    """Train `model` with `preset` for `steps` steps in `precision` (auto, fp32 or bf16) in this
+    process; return its figures."""
     from tasks import train_classifier, train_dit
     from tasks.training.runtime import resolve_precision
 
@@ -79,6 +86,7 @@ def run_one(model: str, preset: str, steps: int, dataset: str, run_dir: str) -> 
         ckpt_every_steps=10**9,
         ckpt_every_minutes=10**6,
         progress_bar=False,
+        precision=precision,
     )
     if model == "dit":
         base.update(sample_every=10**9)
@@ -177,6 +185,13 @@ def main(argv: list[str] | None = None) -> int:
         help="torch threads per run (default: torch's); 1 avoids OpenMP spin-waits when other "
         "processes share the cores",
     )
+    parser.add_argument(
+        "--precisions",
+        nargs="+",
+        choices=["auto", "fp32", "bf16"],
+        default=["auto"],
+        help="autocast precisions to train each pair in, one run each (default: auto)",
+    )
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "PRESET"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -185,34 +200,40 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         dataset = args.dataset or default_dataset(Path(tmp) / "data")
         if args.one:
-            print(json.dumps(run_one(*args.one, args.steps, dataset, str(Path(tmp) / "run"))))
+            run_dir = str(Path(tmp) / "run")
+            print(json.dumps(run_one(*args.one, args.steps, dataset, run_dir, args.precisions[0])))
             return 0
         rows = []
-        for preset in args.presets:
-            for model in ("dit", "classifier"):
-                proc = subprocess.run(
-                    [
-                        sys.executable,
-                        "-m",
-                        "benchmarks.bench_train",
-                        "--one",
-                        model,
-                        preset,
-                        "--steps",
-                        str(args.steps),
-                        "--dataset",
-                        dataset,
-                        *(["--threads", str(args.threads)] if args.threads else []),
-                    ],
-                    cwd=REPO,
-                    capture_output=True,
-                    text=True,
-                    check=False,
-                )
-                if proc.returncode != 0:
-                    print(proc.stderr, file=sys.stderr)
-                    return proc.returncode
-                rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        # Precision innermost: each fp32/bf16 pair runs back to back, under the same load.
+        pairs = [
+            (p, m, x) for p in args.presets for m in ("dit", "classifier") for x in args.precisions
+        ]
+        for preset, model, precision in pairs:
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "benchmarks.bench_train",
+                    "--one",
+                    model,
+                    preset,
+                    "--steps",
+                    str(args.steps),
+                    "--dataset",
+                    dataset,
+                    "--precisions",
+                    precision,
+                    *(["--threads", str(args.threads)] if args.threads else []),
+                ],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if proc.returncode != 0:
+                print(proc.stderr, file=sys.stderr)
+                return proc.returncode
+            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         _print(rows, dataset, args.presets)
     return 0
 
@@ -221,7 +242,7 @@ def _print(rows: list[dict], dataset: str, presets: list[str]) -> None:
     from tasks import train_classifier, train_dit
 
     print(
-        f"{'preset':<10} {'model':<11} {'batch':>5} {'px':>4} {'step s':>8} {'img/s':>8} "
+        f"{'preset':<10} {'model':<11} {'prec':<4} {'batch':>5} {'px':>4} {'step s':>8} {'img/s':>8} "
         f"{'peak RSS GB':>11}  DiT FLOP/s"
     )
     for r in rows:
@@ -232,7 +253,7 @@ def _print(rows: list[dict], dataset: str, presets: list[str]) -> None:
                 f"{r['precision']} matmul peak {r['matmul_peak_gflops']:.0f} GFLOP/s"
             )
         print(
-            f"{r['preset']:<10} {r['model']:<11} {r['batch_size']:>5} {r['image_size']:>4} "
+            f"{r['preset']:<10} {r['model']:<11} {r['precision']:<4} {r['batch_size']:>5} {r['image_size']:>4} "
             f"{r['step_s']:>8.3f} {r['images_per_s']:>8.1f} {r['peak_rss_gb']:>11.2f}  {extra}"
         )
     print()

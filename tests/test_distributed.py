@@ -25,7 +25,17 @@ K = 6  # optimizer steps compared
 
 def _config(**overrides) -> DiTConfig:
     base = PRESETS["cpu-tiny"].model_dump()
-    base.update(steps=K, ckpt_every_steps=K, sample_every=1000, device="cpu", num_threads=1)
+    # fp32 whatever the CPU: the tolerance below is float32's rounding of a reordered sum, while
+    # bf16 autocast (`auto` on AMX or AVX-512 BF16 CPUs) rounds each rank's 8-image matmuls to
+    # 8 bits, which the two batch splits do differently.
+    base.update(
+        steps=K,
+        ckpt_every_steps=K,
+        sample_every=1000,
+        device="cpu",
+        num_threads=1,
+        precision="fp32",
+    )
     return DiTConfig.model_validate({**base, **overrides})
 
 
@@ -141,7 +151,8 @@ def test_a_killed_rank_fails_the_job_quickly_and_the_retry_resumes(
     code = textwrap.dedent(f"""
         from tasks.train_dit import PRESETS, DiTConfig, train_dit
         config = DiTConfig.model_validate({{**PRESETS["cpu-tiny"].model_dump(), "steps": 100000,
-            "ckpt_every_steps": 5, "sample_every": 100000, "device": "cpu", "world_size": 2}})
+            "ckpt_every_steps": 5, "sample_every": 100000, "device": "cpu", "world_size": 2,
+            "precision": "fp32"}})
         train_dit(config, {str(ref)!r}, {str(run_dir)!r})
     """)
     launcher = subprocess.Popen(

@@ -1,13 +1,16 @@
-"""The execution engine: autocast precision (bf16 on AMX) and the attention kernel choice."""
+"""The execution engine: autocast precision (bf16 where the CPU multiplies bf16 in hardware) and
+the attention kernel choice."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 from torch.profiler import profile
 
 from models.dit import dit_from_config
-from tasks.training.runtime import autocast, cpu_has_amx, resolve_precision, sdpa_backend
+from tasks.training.runtime import autocast, cpu_has_native_bf16, resolve_precision, sdpa_backend
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 CPU = torch.device("cpu")
@@ -17,7 +20,18 @@ def test_explicit_precision_wins_and_auto_follows_the_hardware():
     assert resolve_precision(CPU, "fp32") == "fp32"
     assert resolve_precision(CPU, "bf16") == "bf16"
     assert resolve_precision(torch.device("cuda"), "auto") == "bf16"
-    assert resolve_precision(CPU, "auto") == ("bf16" if cpu_has_amx() else "fp32")
+    assert resolve_precision(CPU, "auto") == ("bf16" if cpu_has_native_bf16() else "fp32")
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads the Linux CPU flags")
+def test_native_bf16_matches_the_kernels_cpu_flags():
+    # An independent source: the kernel's flags. AMX's tiles (amx_bf16) or AVX-512's bf16 dot
+    # products (avx512_bf16) make bf16 pay; without them oneDNN emulates it, slower than fp32.
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+    assert cpu_has_native_bf16() == bool(flags & {"amx_bf16", "avx512_bf16"})
 
 
 @pytest.mark.parametrize(

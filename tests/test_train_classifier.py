@@ -130,6 +130,7 @@ def test_smaller_training_crops_are_validated_and_exported_at_the_test_resolutio
         steps=6,
         ckpt_every_steps=6,
         eval_batch_size=4096,  # the whole training split in one batch: plain statistics below
+        precision="fp32",  # the statistics are compared with a float32 convolution below
     )
     augment = _augmentation(config)
     params = augment.draw(2, 64, 64, torch.Generator().manual_seed(0))
@@ -159,11 +160,11 @@ def test_smaller_training_crops_are_validated_and_exported_at_the_test_resolutio
     torch.testing.assert_close(bn.running_var, stem.var((0, 2, 3)), rtol=1e-3, atol=1e-5)
     # With fewer images than the split, they are spread over it: two are its first and last.
     monkeypatch.setattr("tasks.training.resolution.BN_RECALIBRATION_IMAGES", 2)
-    two = recalibrate_batchnorm(exported, split, 4096, torch.device("cpu"))
+    two = recalibrate_batchnorm(exported, split, 4096, torch.device("cpu"), "fp32")
     torch.testing.assert_close(two.backbone.bn1.running_mean, stem[[0, -1]].mean((0, 2, 3)))
     # ...and the figures reported are the exported model's.
     val = validation_metrics(
-        exported, open_split(oxford_mini_species_ref, 64, "val"), 256, torch.device("cpu")
+        exported, open_split(oxford_mini_species_ref, 64, "val"), 256, torch.device("cpu"), "fp32"
     )
     assert result["metrics"]["val_accuracy"] == val["val_accuracy"]
     assert result["metrics"]["val_loss"] == pytest.approx(val["val_loss"], abs=1e-6)

@@ -84,7 +84,8 @@ class TrainConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",
-        description="autocast precision; auto = bf16 on CUDA and on CPUs with AMX, else fp32",
+        description="autocast precision; auto = bf16 on CUDA and on CPUs with AMX or AVX-512 BF16, "
+        "else fp32",
     )
     num_threads: int | None = Field(
         None,

@@ -60,20 +60,27 @@ def cuda_settings() -> None:
 Precision = Literal["auto", "fp32", "bf16"]
 
 
-def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX bf16 tiles (Intel Sapphire Rapids and later), where oneDNN's bf16
-    matmuls run several times faster than fp32 (5.7x on the 2-core dev machine: 1.9 TFLOP/s
-    against 0.33). torch exposes the check only privately, so a torch without it means "no"."""
-    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(check and check())
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware, where oneDNN's bf16 kernels beat fp32:
+
+    - AMX tiles (Intel Sapphire Rapids and later): a bf16 matmul 5.7x fp32 on machine A
+      (1.9 TFLOP/s against 0.33);
+    - AVX-512 BF16 dot products (Intel Cooper Lake, AMD Zen 4 and later): the `cpu-small`
+      classifier trains at 1.8x the images/s of fp32 and the DiT at 1.45x on machine J.
+
+    Without either, oneDNN emulates bf16, slower than fp32 (machine B); docs/benchmarks.md names
+    the machines. torch exposes the checks only privately, so a torch without them means "no"."""
+    names = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    checks = [getattr(torch.cpu, name, None) for name in names]
+    return any(check is not None and check() for check in checks)
 
 
 def resolve_precision(device: torch.device, precision: Precision) -> Literal["fp32", "bf16"]:
-    """`auto` -> bf16 on CUDA and on CPUs with AMX, fp32 elsewhere (without AMX, CPU bf16
-    matmuls are emulated and slower than fp32). Explicit values are returned unchanged."""
+    """`auto` -> bf16 on CUDA and on CPUs with native bf16 (`cpu_has_native_bf16`), fp32
+    elsewhere. Explicit values are returned unchanged."""
     if precision != "auto":
         return precision
-    return "bf16" if device.type == "cuda" or cpu_has_amx() else "fp32"
+    return "bf16" if device.type == "cuda" or cpu_has_native_bf16() else "fp32"
 
 
 def autocast(
