@@ -126,6 +126,8 @@ DIT_RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     "bf16": ("cpu-small", dict(precision="bf16")),
     "x-pred-repa-bf16": ("cpu-small", {**X_PRED_REPA, "precision": "bf16"}),
     "bf16-seed-1": ("cpu-small", dict(precision="bf16", seed=1)),
+    # fp32 whatever the CPU: the afternoon's figures on machine J, where `auto` now means bf16.
+    "fp32": ("cpu-small", dict(precision="fp32")),
     "x-pred-repa-bf16-seed-1": ("cpu-small", {**X_PRED_REPA, "precision": "bf16", "seed": 1}),
     # The reference layout's width and depth (256 x 8 instead of DiT-Ti's 192 x 6).
     "width-256-depth-8": ("cpu-small", dict(hidden_size=256, depth=8, num_heads=4)),
@@ -200,9 +202,11 @@ CLASSIFIER_RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     # FixRes's faster crops might pay for): two tries at the native 0.90 it missed; both lost.
     "low-res-25-fixres-batch-32": ("cpu-small", _LOW_RES_FIXRES | dict(batch_size=32)),
     "low-res-25-fixres-resnet10": ("cpu-small", _LOW_RES_FIXRES | _RESNET10),
-    # The preset in bf16 autocast (AVX-512 bf16 without AMX: 1.6x a ResNet-8 step on machine J).
+    # The preset in bf16 autocast (AVX-512 bf16 without AMX: 1.5x a ResNet-8 step on machine J).
     "bf16": ("cpu-small", dict(precision="bf16")),
     "bf16-seed-1": ("cpu-small", dict(precision="bf16", seed=1)),
+    # fp32 whatever the CPU: the afternoon's figures on machine J, where `auto` now means bf16.
+    "fp32": ("cpu-small", dict(precision="fp32")),
     # ResNet-8 plus the last stage: more capacity, half the images per second on AVX2.
     "resnet10": ("cpu-small", _issue_6(_RESNET10)),
     # The same without averaging over the mirror at test time.

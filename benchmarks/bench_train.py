@@ -1,7 +1,7 @@
 """Training throughput per preset: images/s, step time, peak RSS, DiT FLOP/s vs a matmul peak,
 and the packed-cache loader against decoding JPEGs each step.
 
-Every (preset, model) pair trains for `--steps` steps through the real `train_dit` /
+Every (preset, model, precision) triple trains for `--steps` steps through the real `train_dit` /
 `train_classifier` in its own subprocess, so that each peak RSS (`ru_maxrss`) is that run's alone.
 The DiT's FLOPs per step are counted once with `torch.utils.flop_counter.FlopCounterMode` over a
 forward + backward pass; the matmul peak is the best of a few 2048x2048 `torch.mm` in the run's
@@ -114,6 +114,7 @@ def run_one(
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "threads": torch.get_num_threads(),
         "precision": precision,
+        "requested": config.precision,
     }
     if model == "dit":
         flops = dit_flops_per_step(config, len(_classes(dataset)))
@@ -238,11 +239,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _precision_words(row: dict) -> str:
+    """The precision a run computed in; `auto:bf16` where it was asked for `auto`, so that
+    `--precisions auto bf16` shows which row is which."""
+    resolved, requested = row["precision"], row.get("requested", row["precision"])
+    return resolved if requested == resolved else f"{requested}:{resolved}"
+
+
 def _print(rows: list[dict], dataset: str, presets: list[str]) -> None:
     from tasks import train_classifier, train_dit
 
     print(
-        f"{'preset':<10} {'model':<11} {'prec':<4} {'batch':>5} {'px':>4} {'step s':>8} {'img/s':>8} "
+        f"{'preset':<10} {'model':<11} {'precision':<9} {'batch':>5} {'px':>4} {'step s':>8} {'img/s':>8} "
         f"{'peak RSS GB':>11}  DiT FLOP/s"
     )
     for r in rows:
@@ -253,7 +261,7 @@ def _print(rows: list[dict], dataset: str, presets: list[str]) -> None:
                 f"{r['precision']} matmul peak {r['matmul_peak_gflops']:.0f} GFLOP/s"
             )
         print(
-            f"{r['preset']:<10} {r['model']:<11} {r['precision']:<4} {r['batch_size']:>5} {r['image_size']:>4} "
+            f"{r['preset']:<10} {r['model']:<11} {_precision_words(r):<9} {r['batch_size']:>5} {r['image_size']:>4} "
             f"{r['step_s']:>8.3f} {r['images_per_s']:>8.1f} {r['peak_rss_gb']:>11.2f}  {extra}"
         )
     print()

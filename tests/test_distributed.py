@@ -68,6 +68,7 @@ def one_and_two(oxford_mini_species_ref, tmp_path_factory):
 def test_two_ranks_match_one_process_on_the_same_global_batch(one_and_two):
     root, one, two = one_and_two
     assert one["metrics"]["world_size"] == 1 and two["metrics"]["world_size"] == 2
+    assert one["metrics"]["precision"] == two["metrics"]["precision"] == "fp32"
     assert one["metrics"]["steps"] == two["metrics"]["steps"] == K
     a, b = _state(root / "one"), _state(root / "two")
     # Tolerance: the gradient all-reduce adds the two shards' gradients in another order than

@@ -32,8 +32,10 @@ from tasks.evaluation.measure import (
     split_images,
 )
 from tasks.evaluation.report import Report, compare, load_report
+from tasks.promotion import unlike
 from tasks.train import TRAINERS, build_config
 from tasks.training.export import read_export_config
+from tasks.training.runtime import resolve_precision
 
 REPO = Path(__file__).resolve().parents[1]
 INCEPTION_KEYS = ("generator.inception_fid", "generator.inception_kid")
@@ -113,6 +115,16 @@ def test_evaluate_from_exported_files_alone_in_a_fresh_process(exports, tmp_path
         1.5,
     )
     assert report.sampling.n_generated == 10
+    # The precision the samples were drawn in ("auto" resolves per machine), and two reports
+    # drawn in different ones are not compared as like for like.
+    drawn_in = resolve_precision(torch.device("cpu"), "auto")
+    assert (
+        report.sampling.precision == drawn_in and f", {drawn_in}" in (out / "report.md").read_text()
+    )
+    assert unlike(report, report, "dit") == []
+    other = report.model_copy(deep=True)
+    other.sampling.precision = "fp32" if drawn_in == "bf16" else "bf16"
+    assert unlike(other, report, "dit") == ["other sample counts or sampler"]
     for name in ("classifier.accuracy", "classifier.macro_f1", "generator.conditional_accuracy",
                  "generator.precision", "generator.recall"):  # fmt: skip
         assert 0.0 <= report.metrics[name] <= 1.0

@@ -73,7 +73,9 @@ def test_loss_falls_and_run_exports_everything(trained, oxford_mini_species_ref)
     config = json.loads((run_dir / "config.json").read_text())
     assert config["classes"] == ["cat", "other"] and config["image_size"] == 32
     # Readable by whoever can read the config (safetensors alone would write 0600).
-    modes = {(run_dir / name).stat().st_mode & 0o777 for name in ("config.json", "model.safetensors")}
+    modes = {
+        (run_dir / name).stat().st_mode & 0o777 for name in ("config.json", "model.safetensors")
+    }
     assert len(modes) == 1, modes
     assert config["arch"]["num_classes"] == 2 and config["arch"]["patch_size"] == 4
     # One row per class, samples_per_class columns of 32 px tiles with 1 px padding.
@@ -229,6 +231,7 @@ def test_cpu_small_recipe_features_train_in_bf16_and_export_fp32(oxford_mini_spe
     config = tiny(**recipe, stem_channels=8, depth=3, precision="bf16", sample_steps=4, steps=80)
     result = train_dit(config, oxford_mini_species_ref, tmp_path, progress=rows.append)
     assert rows[-1]["loss"] < 0.9 * rows[0]["loss"], [r["loss"] for r in rows]
+    assert result["metrics"]["precision"] == "bf16"  # what the run computed in, logged
     weights = load_file(result["files"]["weights"])
     assert {w.dtype for w in weights.values()} == {torch.float32}
     assert any(k.startswith("skip_projections.") for k in weights)

@@ -30,6 +30,7 @@ from tasks.evaluation.options import EvalOptions
 from tasks.evaluation.report import DatasetIdentity, Report, Sampling
 from tasks.exported import load_dit, load_guide, sample, sampler_settings
 from tasks.paths import SAMPLES_DIR
+from tasks.training.runtime import resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +185,7 @@ def _draw_samples(
         samples_per_class=per_class,
         n_generated=len(fake),
         image_size=report.dit.image_size,
+        precision=resolve_precision(torch_device(opts), "auto"),  # `tasks.exported.draw`'s
     )
     figures.save_png(figures.labelled_grid(fake, names, per_class), stage / GRID_PNG)
     _save_samples(fake, names, per_class, stage)

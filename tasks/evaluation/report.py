@@ -78,6 +78,10 @@ class Sampling(BaseModel):
     guidance: str = "cfg"
     guidance_interval: tuple[float, float] | None = None
     time_shift: float = 1.0
+    # The autocast precision the samples were drawn in ("auto" resolves per machine: bf16 on CUDA
+    # and on CPUs with AMX or AVX-512 BF16); None in reports from before it was recorded. Part of
+    # the like-for-like check, since the two round differently.
+    precision: str | None = None
 
 
 class Delta(BaseModel):
@@ -242,7 +246,7 @@ def render_markdown(report: Report) -> str:
         lines.append(
             f"- **Sampling:** {s.samples_per_class} per class ({s.n_generated} in all) with the EMA "
             f"weights, {s.method} sampler, {s.steps} steps, {_guidance_words(s)}, time shift "
-            f"{s.time_shift:g}, seed {s.seed}"
+            f"{s.time_shift:g}, seed {s.seed}" + (f", {s.precision}" if s.precision else "")
         )
     lines += [
         "",

@@ -21,6 +21,7 @@ from tasks.training.budget import TimeBudget, initial_total
 from tasks.training.config import RESUMABLE_FIELDS, TrainConfig
 from tasks.training.distributed import Ranks, agree
 from tasks.training.run_log import METRICS, Progress, RunLog
+from tasks.training.runtime import resolve_precision
 from tasks.training.schedule import WarmupCosine
 from tasks.training.threads import AdaptiveThreads
 
@@ -70,6 +71,11 @@ class TrainingRun:
         self.threads = None
         self._threads_before = torch.get_num_threads()
         on_cuda = config.device != "cpu" and torch.cuda.is_available()
+        # What `precision` resolved to here: config.json keeps "auto", which means fp32 on one CPU
+        # and bf16 on another, so the final row says which one this run computed in.
+        self.precision = resolve_precision(
+            torch.device("cuda" if on_cuda else "cpu"), config.precision
+        )
         adaptive = config.adaptive_threads and config.num_threads is None and not ranks.enabled
         if budget.enabled and adaptive and not on_cuda:
             self.threads = AdaptiveThreads(torch.get_num_threads())
@@ -219,9 +225,11 @@ class TrainingRun:
             "budget_spent_s": self.budget.spent_s() if self.budget.enabled else None,
             "threads": torch.get_num_threads(),
             "world_size": self.ranks.world_size,
+            "precision": self.precision,
         }
         metrics = {**common, **metrics}
-        torch.set_num_threads(self._threads_before)  # the caller's setting, after the finishing work
+        # The caller's setting, after the finishing work.
+        torch.set_num_threads(self._threads_before)
         self.log.write({"kind": "final", "step": self.step, **metrics})
         return {
             "run_dir": str(self.run_dir),
