@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
 def _precision_words(row: dict) -> str:
     """The precision a run computed in; `auto:bf16` where it was asked for `auto`, so that
     `--precisions auto bf16` shows which row is which."""
-    resolved, requested = row["precision"], row.get("requested", row["precision"])
+    resolved, requested = row["precision"], row["requested"]
     return resolved if requested == resolved else f"{requested}:{resolved}"
 
 
@@ -250,8 +250,8 @@ def _print(rows: list[dict], dataset: str, presets: list[str]) -> None:
     from tasks import train_classifier, train_dit
 
     print(
-        f"{'preset':<10} {'model':<11} {'precision':<9} {'batch':>5} {'px':>4} {'step s':>8} {'img/s':>8} "
-        f"{'peak RSS GB':>11}  DiT FLOP/s"
+        f"{'preset':<10} {'model':<11} {'precision':<9} {'batch':>5} {'px':>4} {'step s':>8} "
+        f"{'img/s':>8} {'peak RSS GB':>11}  DiT FLOP/s"
     )
     for r in rows:
         extra = ""
@@ -261,8 +261,9 @@ def _print(rows: list[dict], dataset: str, presets: list[str]) -> None:
                 f"{r['precision']} matmul peak {r['matmul_peak_gflops']:.0f} GFLOP/s"
             )
         print(
-            f"{r['preset']:<10} {r['model']:<11} {_precision_words(r):<9} {r['batch_size']:>5} {r['image_size']:>4} "
-            f"{r['step_s']:>8.3f} {r['images_per_s']:>8.1f} {r['peak_rss_gb']:>11.2f}  {extra}"
+            f"{r['preset']:<10} {r['model']:<11} {_precision_words(r):<9} {r['batch_size']:>5} "
+            f"{r['image_size']:>4} {r['step_s']:>8.3f} {r['images_per_s']:>8.1f} "
+            f"{r['peak_rss_gb']:>11.2f}  {extra}"
         )
     print()
     for preset in presets:
