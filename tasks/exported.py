@@ -25,7 +25,7 @@ from tasks.training.export import (
     read_export_config,
     require_consistent,
 )
-from tasks.training.runtime import autocast
+from tasks.training.runtime import Precision, autocast
 
 
 def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Classifier:
@@ -93,17 +93,19 @@ def draw(
     guide: DiT | None = None,
     guidance_interval: tuple[float, float] | None = None,
     time_shift: float = 1.0,
+    precision: Precision = "auto",
 ) -> torch.Tensor:
     """Images (B, 3, H, W) float in [0, 1] for `labels` ((B,) int64), from noise seeded by `seed`
     alone (a private generator, so drawing never disturbs the training RNG streams).
 
     `guide` (autoguidance), `guidance_interval` and `time_shift` are those of
-    `models.flow_matching.sample`, which raises ValueError for bad values."""
+    `models.flow_matching.sample`, which raises ValueError for bad values. `precision` is the
+    autocast one (`tasks.training.runtime.resolve_precision`; "auto" depends on the machine)."""
     device = next(model.parameters()).device
     size = model.input_size
     gen = torch.Generator("cpu").manual_seed(seed)
     noise = torch.randn(len(labels), model.in_channels, size, size, generator=gen).to(device)
-    with autocast(device):
+    with autocast(device, precision):
         x0 = integrate(
             model, noise, labels, steps=steps, method=method, cfg_scale=cfg_scale,
             guidance_interval=guidance_interval, guide=guide, time_shift=time_shift,
@@ -213,6 +215,7 @@ def sample(
     guidance_interval: tuple[float, float] | None = None,
     time_shift: float | None = None,
     guide: DiT | None = None,
+    precision: Precision = "auto",
 ) -> torch.Tensor:
     """Draw `n_per_class` images for each class name, grouped by class in the given order.
 
@@ -229,6 +232,8 @@ def sample(
         time_shift: SD3 shift of the time grid (Esser et al. 2024 §5.3.2); None = the export's.
         guide: the guide for "auto" (default: `load_guide` of the export `model_or_path` came
             from); ignored for "cfg".
+        precision: "fp32", "bf16" or "auto" (bf16 where the device multiplies it natively,
+            `tasks.training.runtime.resolve_precision`): the autocast the ODE runs under.
 
     Returns:
         (len(class_names) * n_per_class, 3, H, W) float32 in [0, 1], on the model's device.
@@ -262,5 +267,5 @@ def sample(
     return draw(
         model, labels, settings["steps"], settings["method"], settings["cfg_scale"], seed,
         guide=guide, guidance_interval=settings["guidance_interval"],
-        time_shift=settings["time_shift"],
+        time_shift=settings["time_shift"], precision=precision,
     )  # fmt: skip

@@ -63,3 +63,32 @@ def test_math_sdpa_backend_avoids_the_fused_kernel_and_computes_the_same():
     assert flash, sorted(fused_ops)  # torch's default on the CPU is the fused flash kernel
     assert not flash & math_ops
     torch.testing.assert_close(math, fused, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("precision", "dtype"), [("bf16", torch.bfloat16), ("fp32", torch.float32)]
+)
+def test_draw_integrates_in_the_precision_it_is_given(precision, dtype):
+    """`tasks.exported.draw` runs the DiT in the precision asked for, whatever `auto` means on
+    this machine: the evaluation resolves it once, draws in it and records it in the report."""
+    from tasks.exported import draw
+
+    torch.manual_seed(0)
+    model = dit_from_config("DiT-Nano/4", input_size=16, num_classes=2).eval()
+    for p in model.parameters():  # adaLN-Zero's zero output layer would hide the dtype
+        torch.nn.init.normal_(p, std=0.05)
+    seen = []
+    model.final_layer.linear.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    labels = torch.tensor([0, 1])
+    images = draw(
+        model, labels, steps=2, method="euler", cfg_scale=1.0, seed=0, precision=precision
+    )
+    assert seen and set(seen) == {dtype}
+    assert images.dtype == torch.float32 and images.shape == (2, 3, 16, 16)
+    again = draw(model, labels, steps=2, method="euler", cfg_scale=1.0, seed=0, precision="fp32")
+    # bf16 rounds differently (a visible but small difference); fp32 twice is the same computation.
+    if precision == "fp32":
+        assert torch.equal(images, again)
+    else:
+        assert not torch.equal(images, again)
+        torch.testing.assert_close(images, again, atol=0.1, rtol=0)

@@ -176,7 +176,11 @@ def _draw_samples(
     )  # fmt: skip
     guide = load_guide(dit_export[0], torch_device(opts)) if drawn["guidance"] == "auto" else None
     names, per_class = list(model.classes), opts.samples_per_class
-    fake = sample(model, names, per_class, seed=opts.seed, guide=guide, **drawn).cpu()
+    # Resolved once, drawn in and recorded: "auto" means bf16 or fp32 depending on the machine.
+    precision = resolve_precision(torch_device(opts), "auto")
+    fake = sample(
+        model, names, per_class, seed=opts.seed, guide=guide, precision=precision, **drawn
+    ).cpu()
     if guide is not None:  # a property of the model, so not part of the like-for-like Sampling
         report.settings["autoguidance_guide_step"] = guide.guide_step
     report.sampling = Sampling(
@@ -185,7 +189,7 @@ def _draw_samples(
         samples_per_class=per_class,
         n_generated=len(fake),
         image_size=report.dit.image_size,
-        precision=resolve_precision(torch_device(opts), "auto"),  # `tasks.exported.draw`'s
+        precision=precision,
     )
     figures.save_png(figures.labelled_grid(fake, names, per_class), stage / GRID_PNG)
     _save_samples(fake, names, per_class, stage)
