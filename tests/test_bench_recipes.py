@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.bench_recipes import RECIPES, _config, _flags
+from benchmarks.bench_recipes import RECIPES, _config, _flags, main, report_dir_for, run_dir_for
 from tasks.train import TRAINERS
 from tasks.train_dit import PRESETS as DIT_PRESETS
 from tasks.train_dit import DiTConfig
@@ -44,3 +44,46 @@ def test_the_repa_preset_is_the_measured_winner_with_the_classifier_champion_as_
     recipe.pop("repa_teacher")
     assert preset == recipe
     assert (preset["prediction"], preset["repa_depth"]) == ("x", 2)
+
+
+def _export(folder):
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    return str(folder)
+
+
+@pytest.mark.parametrize(
+    ("judges", "teacher", "message"),
+    [
+        # REPA pulls the DiT towards the teacher's features: as a judge it would flatter it.
+        (["a/clf-a", "b/clf-b"], "b/clf-b", "--repa-teacher must not be the --judge"),
+        # Their reports would land in the same report-<folder>.
+        (["a/clf", "b/clf"], "t/teacher", "two judges share a folder name"),
+        (["a/clf-a", "missing"], "t/teacher", "not classifier exports"),
+        ([], "t/teacher", "dit needs --judge"),
+    ],
+)
+def test_bad_judges_are_usage_errors_before_any_work(tmp_path, capsys, judges, teacher, message):
+    for name in ("a/clf-a", "b/clf-b", "a/clf", "b/clf", "t/teacher"):
+        _export(tmp_path / name)
+    argv = ["dit", "--recipes", "x-pred-repa", "--out", str(tmp_path / "out")]
+    argv += ["--repa-teacher", str(tmp_path / teacher)]
+    if judges:
+        argv += ["--judge", *(str(tmp_path / j) for j in judges)]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing prepared, nothing trained
+
+
+def test_each_judge_sampler_and_budget_gets_its_own_folder(tmp_path):
+    dit = run_dir_for(tmp_path, "dit", "x-pred-repa", 10)
+    assert dit == tmp_path / "dit-x-pred-repa"  # the budget: the folder the docs cite
+    assert run_dir_for(tmp_path, "dit", "x-pred-repa", 30) == tmp_path / "dit-x-pred-repa-30min"
+    reports = {
+        report_dir_for(dit, tmp_path / judge, sampler)
+        for judge in ("classifier-cpu-small", "classifier-bf16")
+        for sampler in (None, "heun:16:5:interval=0.2-0.8")
+    }
+    assert len(reports) == 4 and all(r.parent == dit for r in reports)
+    assert dit / "report-classifier-bf16-heun-16-5-interval-0.2-0.8" in reports
