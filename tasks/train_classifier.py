@@ -226,7 +226,7 @@ def train_classifier(
         if crop_sizes.size(run.step, run.total) == config.image_size:
             return model
         return recalibrate_batchnorm(
-            model, train_split, config.eval_batch_size, device, config.precision
+            model, train_split, config.eval_batch_size, device, run.precision
         )
 
     def named(metrics: dict[str, Any], suffix: str = "") -> dict[str, float]:
@@ -237,7 +237,7 @@ def train_classifier(
 
     def validate(net: Classifier) -> dict[str, float]:
         metrics = named(
-            validation_metrics(net, val_split, config.eval_batch_size, device, config.precision)
+            validation_metrics(net, val_split, config.eval_batch_size, device, run.precision)
         )
         if low_res_val is not None:
             at_low = validation_metrics(
@@ -245,7 +245,7 @@ def train_classifier(
                 low_res_val,
                 config.eval_batch_size,
                 device,
-                config.precision,
+                run.precision,
                 resize_to=config.image_size,
             )
             metrics |= named(at_low, f"_at_{config.low_res_size}px")
@@ -265,7 +265,7 @@ def train_classifier(
             x = low_res.apply(x, ranks.shard(low_res.draw(config.batch_size, generator)))
         x = standardise(x)
         lr = run.lr()
-        with autocast(device, config.precision):
+        with autocast(device, run.precision):
             logits = train_model(x)
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
         optimizer.zero_grad(set_to_none=True)

@@ -194,7 +194,7 @@ def train_dit(
             flips = torch.rand(config.batch_size, generator=generator, device=device) < 0.5
             x0 = torch.where(ranks.shard(flips)[:, None, None, None], x0.flip(3), x0)
         lr = run.lr()
-        with autocast(device, config.precision), sdpa_backend(config.sdpa_backend):
+        with autocast(device, run.precision), sdpa_backend(config.sdpa_backend):
             loss = flow_matching_loss(
                 train_model,
                 x0,

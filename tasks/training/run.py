@@ -72,7 +72,8 @@ class TrainingRun:
         self._threads_before = torch.get_num_threads()
         on_cuda = config.device != "cpu" and torch.cuda.is_available()
         # What `precision` resolved to here: config.json keeps "auto", which means fp32 on one CPU
-        # and bf16 on another, so the final row says which one this run computed in.
+        # and bf16 on another, so the final row says which one this run computed in. The training
+        # loops autocast to this value, so the record and the computation share one resolution.
         self.precision = resolve_precision(
             torch.device("cuda" if on_cuda else "cpu"), config.precision
         )
