@@ -49,7 +49,6 @@ def test_the_repa_preset_is_the_measured_winner_with_the_classifier_champion_as_
 def _export(folder):
     folder.mkdir(parents=True)
     (folder / "config.json").write_text("{}")
-    return str(folder)
 
 
 @pytest.mark.parametrize(
