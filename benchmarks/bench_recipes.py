@@ -46,6 +46,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.recipes import DIT_RECIPES, RECIPES, REPA_TEACHER  # noqa: E402
 from data.dataset import DatasetRef, DatasetSpec  # noqa: E402
 from data.download import ensure  # noqa: E402
+from tasks.configs import CONFIGS  # noqa: E402
 from tasks.train import build_config  # noqa: E402
 
 PETIMAGES = REPO.parent / "shared" / "datasets" / "petimages" / "kagglecatsanddogs-180px.zip"
@@ -58,6 +59,17 @@ def _config(kind: str, name: str) -> dict[str, Any]:
     """The recipe's full config (preset + overrides, validated; a misspelt field fails here)."""
     preset, overrides = RECIPES[kind][name]
     return build_config(kind, preset, overrides).model_dump()
+
+
+def _same_config(kind: str, stored: dict[str, Any], expected: dict[str, Any]) -> bool:
+    """Whether a stored run trained `expected`: a recipe or preset edited since must train again,
+    but a field added to the config since, at its default, changes nothing that was trained (it
+    is filled in by validating the stored config). A field removed since: not the same."""
+    config_type = CONFIGS[kind][0]
+    try:
+        return config_type.model_validate(stored) == config_type.model_validate(expected)
+    except ValueError:  # pydantic's ValidationError: a field the config no longer has
+        return False
 
 
 def run_dir_for(out: Path, kind: str, name: str, budget: float) -> Path:
@@ -103,7 +115,7 @@ def _train(kind: str, name: str, ref_path: Path, run_dir: Path, budget: float, r
     expected = {**_config(kind, name), "time_budget_minutes": budget, "progress_bar": False}
     if result_file.exists() and not retrain:
         result = json.loads(result_file.read_text())
-        if result["config"] == expected:  # a recipe or preset edited since must train again
+        if _same_config(kind, result["config"], expected):
             return result
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a fresh start: never resume another recipe's checkpoints
