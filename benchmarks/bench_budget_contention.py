@@ -26,7 +26,7 @@ OXFORD_MINI = REPO.parent / "shared" / "datasets" / "oxford-pets-mini" / "images
 RUN = """
 import json, sys
 from tasks.train_dit import PRESETS, train_dit
-config = PRESETS["cpu-small"].model_copy(update={
+config = PRESETS["cpu-small-no-teacher"].model_copy(update={
     "time_budget_minutes": float(sys.argv[1]), "adaptive_threads": sys.argv[2] == "on",
     "progress_bar": False})
 result = train_dit(config, sys.argv[3], sys.argv[4])

@@ -32,7 +32,7 @@ governor = AdaptiveThreads(2) if adaptive else None
 from models.dit import DiT
 from models.flow_matching import flow_matching_loss
 from tasks.train_dit import PRESETS, DiTConfig
-config = DiTConfig.model_validate(PRESETS["cpu-small"])
+config = DiTConfig.model_validate(PRESETS["cpu-small-no-teacher"])
 model = DiT(**config.architecture(2))
 opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 x = torch.randn(config.batch_size, 3, config.image_size, config.image_size)

@@ -15,17 +15,19 @@ from tasks.configs.classifier import PRESETS as CLASSIFIER_PRESETS
 # The REPA recipes' teacher: `--repa-teacher PATH` replaces this placeholder (`_use_teacher`)
 # before anything trains; without the flag, choosing such a recipe is a usage error.
 REPA_TEACHER = "<from --repa-teacher>"
-# Issue 21's winner, the base of its repeats and retunings (the preset `cpu-small-repa`).
+# Issue 21's winner, the base of its repeats and retunings (the preset `cpu-small` where its
+# teacher is usable; the recipes keep the teacher-less preset as their base).
 X_PRED_REPA: dict[str, Any] = dict(prediction="x", repa_teacher=REPA_TEACHER, repa_depth=2)
 
-# name -> (preset, overrides). "cpu-small" is the preset as shipped; the others change one thing
-# each, so the table reads as an ablation of it, except "plain", the issue's reference recipe.
+# name -> (preset, overrides). "cpu-small" is the DiT preset `cpu-small` as it trains without a
+# teacher (the preset `cpu-small-no-teacher`); the others change one thing each, so the table reads
+# as an ablation of it, except "plain", the issue's reference recipe.
 DIT_RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     # Issue 6's baseline, spelled out in full so that changes to the preset never move it: the
     # reference DiT layout (width 256, depth 8, patch 4) at 32 px, logit-normal t, AdamW 3e-4
     # with an EMA warm-up, batch 64, fp32 and torch's default attention kernel.
     "plain": (
-        "cpu-small",
+        "cpu-small-no-teacher",
         dict(
             arch="DiT-Ti/4",
             hidden_size=256,
@@ -50,60 +52,69 @@ DIT_RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
             cfg_scale=2.0,
         ),
     ),
-    "cpu-small": ("cpu-small", {}),
+    "cpu-small": ("cpu-small-no-teacher", {}),
     # Ablation: the preset without its three architecture additions.
-    "no-additions": ("cpu-small", dict(stem_channels=0, long_skip=False, final_conv=False)),
+    "no-additions": (
+        "cpu-small-no-teacher",
+        dict(stem_channels=0, long_skip=False, final_conv=False),
+    ),
     # Larger batches, fewer steps: 64 was the preset before 2026-12-02.
-    "batch-64": ("cpu-small", dict(batch_size=64)),
-    "batch-32": ("cpu-small", dict(batch_size=32)),
-    "batch-8": ("cpu-small", dict(batch_size=8)),
+    "batch-64": ("cpu-small-no-teacher", dict(batch_size=64)),
+    "batch-32": ("cpu-small-no-teacher", dict(batch_size=32)),
+    "batch-8": ("cpu-small-no-teacher", dict(batch_size=8)),
     # Time sampling: uniform t instead of logit-normal (SD3 §3.1).
-    "uniform-t": ("cpu-small", dict(time_schedule="uniform")),
+    "uniform-t": ("cpu-small-no-teacher", dict(time_schedule="uniform")),
     # The reference recipe's learning rate.
-    "lr-3e-4": ("cpu-small", dict(lr=3e-4)),
+    "lr-3e-4": ("cpu-small-no-teacher", dict(lr=3e-4)),
     # The raw weights instead of an EMA (a decay of 0 makes the shadow a copy of the model).
-    "no-ema": ("cpu-small", dict(ema_decay=0.0)),
+    "no-ema": ("cpu-small-no-teacher", dict(ema_decay=0.0)),
     # Issue 21 §3, the 2024-2025 levers for small diffusion transformers, one at a time:
     # Muon for the blocks' matrices (AdamW for the rest), at the preset's learning rate.
-    "muon": ("cpu-small", dict(optimizer="muon")),
+    "muon": ("cpu-small-no-teacher", dict(optimizer="muon")),
     # x-prediction with a velocity loss (Li & He 2025).
-    "x-pred": ("cpu-small", dict(prediction="x")),
+    "x-pred": ("cpu-small-no-teacher", dict(prediction="x")),
     # LightningDiT's block details together: RMSNorm, SwiGLU, 2-D RoPE.
-    "lightning-blocks": ("cpu-small", dict(norm="rms", mlp="swiglu", rope=True)),
+    "lightning-blocks": ("cpu-small-no-teacher", dict(norm="rms", mlp="swiglu", rope=True)),
     # Logit-normal centred below 0.5: more training weight near the data end, where a 32 px
     # image keeps its detail (SD3 §5.3.2 shifts the other way for large images).
-    "t-loc-minus-0.5": ("cpu-small", dict(time_loc=-0.5)),
+    "t-loc-minus-0.5": ("cpu-small-no-teacher", dict(time_loc=-0.5)),
     # Representation alignment (REPA, Yu et al. 2025 §3) of block 2 of 6 to a classifier's
     # spatial features, lambda = 0.5 (the paper's); the teacher must not be the judge.
-    "repa": ("cpu-small", dict(repa_teacher=REPA_TEACHER, repa_depth=2)),
+    "repa": ("cpu-small-no-teacher", dict(repa_teacher=REPA_TEACHER, repa_depth=2)),
     # The two levers that did not lose alone, together (issue 21 §3).
-    "x-pred-repa": ("cpu-small", X_PRED_REPA),
+    "x-pred-repa": ("cpu-small-no-teacher", X_PRED_REPA),
     # The same with another seed (initialisation, batches, noise): is its win one draw's luck?
-    "x-pred-repa-seed-1": ("cpu-small", {**X_PRED_REPA, "seed": 1}),
+    "x-pred-repa-seed-1": ("cpu-small-no-teacher", {**X_PRED_REPA, "seed": 1}),
     # The winner's learning rate retuned (issue 21 §3), both ways from the preset's 1e-3.
-    "x-pred-repa-lr-2e-3": ("cpu-small", {**X_PRED_REPA, "lr": 2e-3}),
-    "x-pred-repa-lr-5e-4": ("cpu-small", {**X_PRED_REPA, "lr": 5e-4}),
+    "x-pred-repa-lr-2e-3": ("cpu-small-no-teacher", {**X_PRED_REPA, "lr": 2e-3}),
+    "x-pred-repa-lr-5e-4": ("cpu-small-no-teacher", {**X_PRED_REPA, "lr": 5e-4}),
     # x-prediction with the learning rate retuned (twice the preset's).
-    "x-pred-lr-2e-3": ("cpu-small", dict(prediction="x", lr=2e-3)),
+    "x-pred-lr-2e-3": ("cpu-small-no-teacher", dict(prediction="x", lr=2e-3)),
     # bf16 autocast on a CPU with AVX-512 bf16 dot products but no AMX (machine J): the same
     # recipe, more steps in the budget if the bf16 kernels pay (docs/recipes-round-two.md).
-    "bf16": ("cpu-small", dict(precision="bf16")),
-    "x-pred-repa-bf16": ("cpu-small", {**X_PRED_REPA, "precision": "bf16"}),
-    "bf16-seed-1": ("cpu-small", dict(precision="bf16", seed=1)),
+    "bf16": ("cpu-small-no-teacher", dict(precision="bf16")),
+    "x-pred-repa-bf16": ("cpu-small-no-teacher", {**X_PRED_REPA, "precision": "bf16"}),
+    "bf16-seed-1": ("cpu-small-no-teacher", dict(precision="bf16", seed=1)),
     # fp32 whatever the CPU: the afternoon's figures on machine J, where `auto` now means bf16.
-    "fp32": ("cpu-small", dict(precision="fp32")),
-    "x-pred-repa-bf16-seed-1": ("cpu-small", {**X_PRED_REPA, "precision": "bf16", "seed": 1}),
+    "fp32": ("cpu-small-no-teacher", dict(precision="fp32")),
+    "x-pred-repa-bf16-seed-1": (
+        "cpu-small-no-teacher",
+        {**X_PRED_REPA, "precision": "bf16", "seed": 1},
+    ),
     # A third seed of each, since seed to seed the FD moves by 0.1-0.2 at this budget.
-    "bf16-seed-2": ("cpu-small", dict(precision="bf16", seed=2)),
-    "x-pred-repa-bf16-seed-2": ("cpu-small", {**X_PRED_REPA, "precision": "bf16", "seed": 2}),
+    "bf16-seed-2": ("cpu-small-no-teacher", dict(precision="bf16", seed=2)),
+    "x-pred-repa-bf16-seed-2": (
+        "cpu-small-no-teacher",
+        {**X_PRED_REPA, "precision": "bf16", "seed": 2},
+    ),
     # The reference layout's width and depth (256 x 8 instead of DiT-Ti's 192 x 6).
-    "width-256-depth-8": ("cpu-small", dict(hidden_size=256, depth=8, num_heads=4)),
+    "width-256-depth-8": ("cpu-small-no-teacher", dict(hidden_size=256, depth=8, num_heads=4)),
     # The preset plus an autoguidance guide (the EMA at 25 % of the steps, issue 21 §2), so that
     # --samplers ...:guide=auto can sweep it; its default sampling is the preset's.
-    "guide-25": ("cpu-small", dict(guide_snapshot_fraction=0.25)),
+    "guide-25": ("cpu-small-no-teacher", dict(guide_snapshot_fraction=0.25)),
     # A later, less "bad" guide: the 25 % snapshot traded precision for recall (Karras et al. 2024
     # §5 tune the guide's training length).
-    "guide-50": ("cpu-small", dict(guide_snapshot_fraction=0.5)),
+    "guide-50": ("cpu-small-no-teacher", dict(guide_snapshot_fraction=0.5)),
 }
 
 

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from data.dataset import DatasetSpec, default_data_dir, local_path, read_manifest
 from tasks.adapters.costs import parse_gpu
 from tasks.adapters.limits import DEFAULT_MAX_QUEUE_MINUTES
-from tasks.champions import PREFIX, resolve
+from tasks.champions import PREFIX, missing_export
 from tasks.configs import MODELS, ModelName, build_config
 from tasks.evaluation.options import EvalOptions
 from tasks.paths import APP_NAME, DEFAULT_GPU
@@ -135,7 +135,8 @@ def plan(
     if compute.backend == "modal":
         _require_even_split(configs, compute.gpu)
     if "dit" in configs:
-        _require_reachable_teacher(configs["dit"].repa_teacher, compute.backend)
+        dit = configs["dit"]
+        _require_reachable_teacher(dit.repa_teacher, compute.backend, not dit.repa_optional)
     sizes = {config.image_size for config in configs.values()}
     # Validated again (model_copy would not), so a trained size beyond the spec's bounds is
     # refused here, naming the field, instead of packing a gigantic cache.
@@ -221,11 +222,13 @@ def _require_local_source(dataset: DatasetSpec, check_network: bool) -> None:
         )
 
 
-def _require_reachable_teacher(teacher: str | None, backend: str) -> None:
+def _require_reachable_teacher(teacher: str | None, backend: str, required: bool = True) -> None:
     """REPA's teacher is loaded where the DiT trains, after the dataset is built: check now that
     it can be, rather than in a GPU container or after a download. Locally, the folder (or the
     champion's run dir) must hold an export; a Modal container sees only its volumes, so there it
-    must be a champion or a folder on the runs volume (the container reads the champion)."""
+    must be a champion or a folder on the runs volume (the container reads the champion). A
+    champion teacher that is not `required` (`DiTConfig.repa_optional`) may be missing: the flow
+    then trains without it (`tasks.adapters.lifecycle.choose_repa`)."""
     if teacher is None:
         return
     if backend == "modal":
@@ -236,18 +239,8 @@ def _require_reachable_teacher(teacher: str | None, backend: str) -> None:
                 "(/runs/<run name>/classifier)"
             )
         return
-    try:
-        folder = resolve(teacher, "classifier")
-    except FileNotFoundError as exc:  # a deployment without a classifier champion
-        raise ValueError(f"dit.repa_teacher {teacher!r}: {exc}") from None
-    missing = [
-        name for name in ("model.safetensors", "config.json") if not (folder / name).is_file()
-    ]
-    if missing:
-        raise ValueError(
-            f"dit.repa_teacher {teacher!r}: no classifier export at {folder} ({' and '.join(missing)}"
-            f" missing): pass a finished classifier run dir or {PREFIX}<deployment>"
-        )
+    if required and (why := missing_export(teacher, "classifier")) is not None:
+        raise ValueError(f"dit.repa_teacher {teacher!r}: {why}")
 
 
 def _require_resolvable(url: str) -> None:

@@ -15,7 +15,7 @@ if __name__ == "__main__":  # the command line answers --help and bad flags befo
 
     sys.exit(main())
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.states import Completed, State
 
 from data.dataset import DatasetSpec
@@ -65,6 +65,7 @@ def train_cats(
     compute, why = resolve_backend(compute)  # auto: modal or local, before the presets
     report_backend(compute.backend, why)
     spec, presets = plan(dataset, models, training, compute, evaluation)
+    repa = _choose_repa(training, presets, models, evaluation.enabled, compute.backend)
     deployment = evaluation.deployment or default_deployment()
     configs = {m: build_config(m, presets[m], training[m].overrides).model_dump() for m in models}
     governed = lifecycle.is_deployment_run()  # scheduled or `prefect deployment run` runs
@@ -128,6 +129,7 @@ def train_cats(
         "metrics": {m: r.get("metrics", {}) for m, r in results.items()},
         "report": report,
         "promoted": {m: d.promoted for m, d in decisions.items()},
+        "repa": repa,
     }
     if not decisions:
         return Completed(name="Trained", message="trained and evaluated", data=summary)
@@ -137,3 +139,31 @@ def train_cats(
     )
     name = "Promoted" if all(d.promoted for d in decisions.values()) else "Challenger"
     return Completed(name=name, message=verdicts, data=summary)
+
+
+def _choose_repa(
+    training: dict[str, TrainingParams],
+    presets: dict[str, str],
+    models: list[str],
+    judged: bool,
+    backend: str,
+) -> str | None:
+    """A DiT preset whose REPA teacher may be missing (`cpu-small`) trains with REPA or without
+    it (`lifecycle.choose_repa`): pin that choice in `training["dit"]`'s overrides, before the
+    change check fingerprints the configs and the task builds its own, and log it. Returns the
+    line, or None where there was nothing to choose."""
+    if "dit" not in models:
+        return None
+    config = build_config("dit", presets["dit"], training["dit"].overrides)
+    seed = None  # of the classifier this run trains, its DiT's judge
+    if "classifier" in models:
+        seed = build_config("classifier", presets["classifier"], training["classifier"].overrides)
+        seed = seed.seed
+    choice = lifecycle.choose_repa(config, models, judged, backend, seed)
+    if choice is None:
+        return None
+    pinned, line = choice
+    overrides = {**training["dit"].overrides, **pinned}
+    training["dit"] = training["dit"].model_copy(update={"overrides": overrides})
+    get_run_logger().info(line)
+    return line

@@ -38,7 +38,9 @@ class Champion(BaseModel):
     report: str = Field(description="The report folder that decided, relative to the runs root.")
     classes: list[str]
     dataset_version: str
-    fingerprint: dict[str, Any] = Field(description="What determined the model (tasks.fingerprint).")
+    fingerprint: dict[str, Any] = Field(
+        description="What determined the model (tasks.fingerprint)."
+    )
     metrics: dict[str, float] = Field(default_factory=dict, description="The report's metrics.")
     promoted_at: str = Field(description="UTC, ISO 8601.")
     flow_run_id: str | None = None
@@ -125,3 +127,22 @@ def resolve(path_or_champion: str | Path, kind: str) -> Path:
             "pass an export folder"
         )
     return champion.run_dir
+
+
+def missing_export(path_or_champion: str | Path, kind: str) -> str | None:
+    """Why `path_or_champion` (a folder or `"champion:<deployment>"`) has no `kind` export here,
+    in one line naming the fix; None where its weights and config are in place. Only looks for
+    the files: a damaged export fails where it is loaded."""
+    try:
+        folder = resolve(path_or_champion, kind)
+    except FileNotFoundError as exc:  # a deployment without a champion of that kind
+        return str(exc)
+    missing = [
+        name for name in ("model.safetensors", "config.json") if not (folder / name).is_file()
+    ]
+    if missing:
+        return (
+            f"no {kind} export at {folder} ({' and '.join(missing)} missing): pass a finished "
+            f"{kind} run dir or {PREFIX}<deployment>"
+        )
+    return None

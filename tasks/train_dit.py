@@ -19,6 +19,7 @@ rebuilds the model from them alone and `sample` turns class names into images in
 
 from __future__ import annotations
 
+import logging
 import sys
 from functools import partial
 from pathlib import Path
@@ -42,6 +43,7 @@ from torchvision.utils import save_image
 from data.dataset import DatasetRef, load_ref, open_split
 from models.dit import DiT
 from models.flow_matching import EMA, flow_matching_loss
+from tasks.champions import missing_export
 from tasks.configs.dit import PRESETS, DiTConfig
 from tasks.exported import draw
 from tasks.paths import SAMPLES_DIR
@@ -70,6 +72,8 @@ from tasks.training.runtime import (
 )
 from tasks.training.schedule import WarmupCosine
 
+log = logging.getLogger(__name__)
+
 # Pixels are scaled to [-1, 1]: x = (u8 / 255 - 0.5) / 0.5, the DiT/ADM convention.
 NORMALISATION = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
 TIME_CONVENTION = "x_t = (1 - t) * x0 + t * noise; t=0 data, t=1 noise; v = noise - x0"
@@ -87,6 +91,22 @@ def _ema_decay(config: DiTConfig, total_steps: int) -> float:
     of the planned steps: an EMA longer than the run would export half-trained weights."""
     window = max(1.0, config.ema_max_window * total_steps)
     return min(config.ema_decay, 1.0 - 1.0 / window)
+
+
+def _teacher_or_fallback(config: DiTConfig) -> DiTConfig:
+    """`config`, or where its REPA teacher is an unpromoted champion and `repa_fallback` allows
+    it (`DiTConfig.repa_optional`), the config without REPA (`DiTConfig.without_repa`), saying
+    so. A flow run has pinned this choice already (`tasks.adapters.lifecycle.choose_repa`); here
+    it serves the command line."""
+    if not config.repa_optional:
+        return config
+    why = missing_export(config.repa_teacher, "classifier")
+    if why is None:
+        return config
+    log.warning(
+        "REPA off, predicting %s: teacher %r: %s", config.repa_fallback, config.repa_teacher, why
+    )
+    return config.without_repa()
 
 
 def _grid_labels(num_classes: int, per_class: int, device: torch.device) -> torch.Tensor:
@@ -143,7 +163,9 @@ def train_dit(
     budget = TimeBudget(config.time_budget_minutes, config.steps)
     ref = load_ref(dataset)
     check_cache(config, ref)
-    # REPA's teacher (Yu et al. 2025 §3): a missing or unusable export fails here, in one line.
+    # REPA's teacher (Yu et al. 2025 §3): a missing or unusable export fails here, in one line,
+    # unless the config names a fallback for a missing one (`cpu-small`: no champion yet).
+    config = _teacher_or_fallback(config)
     teacher = load_teacher(config.repa_teacher) if config.repa_teacher else None
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)

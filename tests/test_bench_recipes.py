@@ -3,6 +3,8 @@ baseline that stays the issue's plain recipe whatever the presets become."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from benchmarks.bench_recipes import RECIPES, _config, _flags, main, report_dir_for, run_dir_for
@@ -32,16 +34,21 @@ def test_plain_dit_recipe_is_the_issue_baseline_and_not_the_preset():
     # None of the small-compute additions leak in from the cpu-small preset it is based on.
     assert (arch["stem_channels"], arch["long_skip"], arch["final_conv"]) == (0, False, False)
     assert not arch["qk_norm"] and plain.sdpa_backend == "auto"
-    assert _config("dit", "cpu-small") == DIT_PRESETS["cpu-small"].model_dump()
+    # The "before" of every DiT table: cpu-small as it trains without a teacher.
+    assert _config("dit", "cpu-small") == DIT_PRESETS["cpu-small"].without_repa().model_dump()
+    assert _config("dit", "cpu-small") == DIT_PRESETS["cpu-small-no-teacher"].model_dump()
 
 
-def test_the_repa_preset_is_the_measured_winner_with_the_classifier_champion_as_teacher():
-    """`cpu-small-repa` must be what round two measured as x-pred-repa, field for field, with the
-    `classifier` deployment's champion in the teacher's place (the recipe takes a folder)."""
-    preset = DIT_PRESETS["cpu-small-repa"].model_dump()
+def test_cpu_small_is_the_measured_winner_with_the_classifier_champion_as_teacher():
+    """`cpu-small` must be what round two measured as x-pred-repa, field for field, with the
+    `classifier` deployment's champion in the teacher's place (the recipe takes a folder), and
+    without a teacher exactly the recipe it beat (velocity, no REPA)."""
+    preset = DIT_PRESETS["cpu-small"].model_dump()
     recipe = _config("dit", "x-pred-repa")
     assert preset.pop("repa_teacher") == "champion:classifier"
+    assert preset.pop("repa_fallback") == "velocity"
     recipe.pop("repa_teacher")
+    recipe.pop("repa_fallback")
     assert preset == recipe
     assert (preset["prediction"], preset["repa_depth"]) == ("x", 2)
 
@@ -86,3 +93,22 @@ def test_each_judge_sampler_and_budget_gets_its_own_folder(tmp_path):
     }
     assert len(reports) == 4 and all(r.parent == dit for r in reports)
     assert dit / "report-classifier-bf16-heun-16-5-interval-0.2-0.8" in reports
+
+
+def test_a_run_from_before_a_config_field_existed_is_reused_not_retrained(tmp_path):
+    """A stored run whose config predates a field (here `repa_fallback`, added 2026-12-05) trained
+    exactly what the field's default says: measured again, never deleted and retrained. An edited
+    recipe, or a field the config no longer has, trains again."""
+    from benchmarks.bench_recipes import _same_config, _train
+
+    expected = {**_config("dit", "bf16"), "time_budget_minutes": 10, "progress_bar": False}
+    stored = {k: v for k, v in expected.items() if k != "repa_fallback"}
+    run_dir = tmp_path / "dit-bf16"
+    run_dir.mkdir()
+    (run_dir / "model.safetensors").write_bytes(b"the export the docs cite")
+    (run_dir / "bench_result.json").write_text(json.dumps({"config": stored, "steps": 3617}))
+    result = _train("dit", "bf16", tmp_path / "ref.json", run_dir, 10, retrain=False)
+    assert result["steps"] == 3617
+    assert (run_dir / "model.safetensors").read_bytes() == b"the export the docs cite"
+    assert not _same_config("dit", {**stored, "lr": 5e-4}, expected)
+    assert not _same_config("dit", {**stored, "retired_field": 1}, expected)

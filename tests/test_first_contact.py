@@ -103,8 +103,9 @@ def test_an_unknown_flag_is_one_line_pointing_at_help(cli):
          "patch_size=5 must divide image_size=32"),
         ([*FLOW_CLI, "--params", '{"dit": {"overrides": {"repa_teacher": "/nonexistent/t"}}}'],
          2, "dit.repa_teacher '/nonexistent/t': no classifier export at /nonexistent/t"),
-        ([*FLOW_CLI, "--params", '{"dit": {"overrides": {"repa_teacher": "champion:nope"}}}'],
-         2, "deployment 'nope' has no classifier champion yet"),
+        # A required champion teacher (cpu-small's own falls back: tests/test_repa_choice.py).
+        ([*FLOW_CLI, "--params", '{"dit": {"overrides": {"repa_teacher": "champion:nope", '
+          '"repa_fallback": "error"}}}'], 2, "deployment 'nope' has no classifier champion yet"),
         ([*TRAIN_DIT, "--dataset", "/nonexistent", "--run-dir", "r"], 2, "'/nonexistent' does not"),
         ([*TRAIN_DIT, "--dataset", "/x", "--run-dir", "r", "--patch-size", "5"], 2,
          "error: patch_size=5 must divide image_size=32"),
@@ -294,11 +295,13 @@ def test_a_modal_dit_takes_only_a_teacher_that_its_container_can_read():
     _require_reachable_teacher(None, "local")
 
 
-def test_the_repa_preset_without_a_classifier_champion_fails_in_one_line(tmp_path):
-    """`cpu-small-repa` aligns to the `classifier` deployment's champion: without one, the flow's
-    command line says so, and how to get one, before anything is built or imported."""
+def test_a_required_repa_teacher_without_a_classifier_champion_fails_in_one_line(tmp_path):
+    """`cpu-small` aligns to the `classifier` deployment's champion; with its fallback turned off
+    and no champion, the flow's command line says so, and how to get one, before anything is
+    built or imported."""
+    params = '{"dit": {"overrides": {"repa_fallback": "error"}}}'
     done = subprocess.run(
-        [sys.executable, *FLOW_CLI, "--params", '{"dit": {"preset": "cpu-small-repa"}}'],
+        [sys.executable, *FLOW_CLI, "--params", params],
         cwd=REPO, capture_output=True, text=True, timeout=120,
         env={**os.environ, "TRAIN_CATS_RUNS_DIR": str(tmp_path / "runs")},
     )  # fmt: skip

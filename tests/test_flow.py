@@ -125,7 +125,8 @@ def test_flags_and_params_merge_over_the_deployment(capsys):
     assert main(argv) == 0
     params = json.loads(capsys.readouterr().out)["parameters"]
     assert params["dit"] == {"preset": "cpu-tiny", "overrides": {"steps": 7}}
-    assert params["classifier"] == {"preset": "cpu-tiny"}
+    # The deployment's own override (its judge's seed) stays under the flag's preset.
+    assert params["classifier"] == {"preset": "cpu-tiny", "overrides": {"seed": 1}}
     assert params["dataset"] == {"labels": "breed", "max_other": 1000, "source": str(OXFORD_MINI)}
     assert params["evaluation"]["enabled"] is False
     assert params["models"] == ["classifier", "dit"]

@@ -97,3 +97,17 @@ def test_modal_runs_promote_on_the_runs_volume_where_checks_and_judges_find_them
     assert lifecycle.find_judge(["cat"], "local") is None
     assert lifecycle.find_judge(["cat", "tiger"], "modal") is None
 
+    # cpu-small's REPA choice reads the same volume: the champion exists there, it is the only
+    # classifier champion (the `dit` deployment's judge: REPA off), a run that trains its own
+    # judge with the champion's seed (0) could train it again (off), with seed 1 it may (on).
+    small = build_config("dit", "cpu-small", {"repa_teacher": "champion:nightly"})
+    assert lifecycle.choose_repa(small, ["dit"], False, "modal")[0] == {"repa_fallback": "error"}
+    assert "the only classifier champion" in lifecycle.choose_repa(small, ["dit"], True, "modal")[1]
+    both = ["classifier", "dit"]
+    assert "teacher's seed 0" in lifecycle.choose_repa(small, both, True, "modal", 0)[1]
+    assert lifecycle.choose_repa(small, both, True, "modal", 1)[1].startswith(
+        f"REPA on: block 2 aligns to 'champion:nightly' (run {newest})"
+    )
+    elsewhere = build_config("dit", "cpu-small")  # champion:classifier: none on the volume
+    pinned, line = lifecycle.choose_repa(elsewhere, ["dit"], False, "modal")
+    assert pinned["repa_teacher"] is None and "'classifier' has no classifier champion" in line

@@ -260,7 +260,7 @@ def test_the_repa_recipe_needs_a_teacher_that_is_not_the_judge(teacher_dir, monk
     monkeypatch.setattr(recipes, "DIT_RECIPES", dict(recipes.DIT_RECIPES))
     recipes._use_teacher(teacher_dir)
     assert recipes.DIT_RECIPES["repa"] == (
-        "cpu-small",
+        "cpu-small-no-teacher",
         {"repa_teacher": str(teacher_dir), "repa_depth": 2},
     )
 

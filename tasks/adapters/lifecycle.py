@@ -31,6 +31,7 @@ from tasks import champions
 from tasks.adapters import modal_calls
 from tasks.adapters.prefect_tasks import Backend
 from tasks.champions import CHAMPIONS_DIR, Champion, all_champions, champion_path, read_champion
+from tasks.configs.dit import DiTConfig
 from tasks.evaluation.options import EvalOptions
 from tasks.fingerprint import changes, fingerprint
 from tasks.paths import RUNS_VOLUME, runs_root
@@ -95,6 +96,81 @@ def _is_teacher(champion: Champion, teacher: str, backend: Backend) -> bool:
     if backend == "modal":  # a folder on the runs volume, as the container sees it
         return teacher.rstrip("/") == f"/runs/{champion.run_name}"
     return Path(teacher).expanduser().resolve() == champion.run_dir.resolve()
+
+
+def choose_repa(
+    config: DiTConfig,
+    models: list[str],
+    judged: bool,
+    backend: Backend,
+    classifier_seed: int | None = None,
+) -> tuple[dict[str, Any], str] | None:
+    """Whether a DiT `config` whose REPA teacher may be missing (`DiTConfig.repa_optional`, as
+    the `cpu-small` preset's champion) trains with REPA in this run: the overrides that pin the
+    choice for the training task, and one line saying what and why. None: nothing to choose.
+
+    REPA is off (x-prediction too: `DiTConfig.without_repa`) where the teacher is missing, or
+    where it would leave the report without a judge that is not the teacher (the DiT was pulled
+    towards its features: `find_judge`, `tasks.evaluate`), where the run is `judged`: with a
+    classifier in `models` (whose seed is `classifier_seed`), that classifier judges, and must
+    not share the teacher's seed, since on the same data and recipe it could be the teacher
+    again, bit for bit; without one, another classifier champion must exist to judge.
+    """
+    if not config.repa_optional:
+        return None
+    teacher, fallback = config.repa_teacher or "", config.repa_fallback
+    why = _missing_teacher(teacher, backend)
+    if why is None and judged:
+        why = _no_fair_judge(teacher, models, backend, classifier_seed)
+    if why is not None:
+        off = {"repa_teacher": None, "prediction": fallback, "repa_fallback": "error"}
+        return off, f"REPA off, predicting {fallback}: teacher {teacher!r}: {why}"
+    return {"repa_fallback": "error"}, (
+        f"REPA on: block {config.repa_depth} aligns to {teacher!r} "
+        f"({teacher_identity(teacher, backend)})"
+    )
+
+
+def _no_fair_judge(
+    teacher: str, models: list[str], backend: Backend, classifier_seed: int | None
+) -> str | None:
+    """Why no classifier but the teacher could judge this run's DiT, or None."""
+    if "classifier" in models:
+        if classifier_seed == _teacher_seed(teacher, backend):
+            return (
+                f"this run's classifier, its judge, has the teacher's seed {classifier_seed}: on "
+                "the same data it could be the teacher again; give it another seed "
+                '(classifier.overrides {"seed": 1}, as the `all` deployment does)'
+            )
+        return None
+    pool = champions_of(backend, "classifier")
+    if not [c for c in pool if not _is_teacher(c, teacher, backend)]:
+        return (
+            "it is the only classifier champion, and this DiT's report needs one that is not its "
+            "teacher as the judge"
+        )
+    return None
+
+
+def _teacher_seed(teacher: str, backend: Backend) -> int | None:
+    """The seed the champion `teacher` was trained with, from its export's config.json."""
+    deployment = teacher[len(champions.PREFIX) :]
+    (champion,) = champions_of(backend, "classifier", [deployment])
+    if backend == "local":
+        text = (champion.run_dir / "config.json").read_text()
+    else:
+        text = modal_calls.read_volume_file(RUNS_VOLUME, f"{champion.run_name}/config.json")
+    return json.loads(text).get("train_config", {}).get("seed")
+
+
+def _missing_teacher(teacher: str, backend: Backend) -> str | None:
+    """Why the champion `teacher` ("champion:<deployment>") cannot teach here, or None."""
+    if backend == "local":  # the record and the export's files
+        return champions.missing_export(teacher, "classifier")
+    deployment = teacher[len(champions.PREFIX) :]
+    if not champions_of(backend, "classifier", [deployment]):
+        return f"deployment {deployment!r} has no classifier champion yet"
+    return None
 
 
 @task(name="check_for_changes", task_run_name="check_for_changes · {deployment}")

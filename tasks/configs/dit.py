@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from tasks.champions import PREFIX as CHAMPION_PREFIX
 from tasks.training.config import TrainConfig
 
 # `models.dit.DIT_CONFIGS` as plain data, the ARCH_FIELDS per name, so that a config is checked
@@ -114,6 +115,15 @@ class DiTConfig(TrainConfig):
     repa_weight: float = Field(0.5, gt=0, description="REPA: lambda, the alignment loss weight")
     repa_depth: int = Field(2, ge=1, description="REPA: the block (1-based) whose tokens align")
     repa_projector_dim: int = Field(256, ge=1, description="REPA: projector MLP hidden width")
+    # Where a champion teacher is missing (none promoted yet) or, in a flow run, is the only
+    # classifier that could judge this DiT: fail, or train without REPA predicting this.
+    # x-prediction won only together with REPA (docs/recipes-round-two.md), hence the pairing.
+    # A missing folder is a mistake, not a state: it always fails.
+    repa_fallback: Literal["error", "velocity", "x"] = Field(
+        "error",
+        description="without the champion named by repa_teacher: fail (error), or train "
+        "without REPA with this prediction (velocity, x)",
+    )
 
     @model_validator(mode="after")
     def _architecture_fits(self) -> DiTConfig:
@@ -159,6 +169,24 @@ class DiTConfig(TrainConfig):
                 f"block (e.g. repa_depth={max(1, depth // 3)})"
             )
         return self
+
+    @property
+    def repa_optional(self) -> bool:
+        """Whether this run may train without its REPA teacher: a `repa_fallback` is set and the
+        teacher is a champion (`champion:<deployment>`), which exists once one is promoted."""
+        teacher = self.repa_teacher or ""
+        return self.repa_fallback != "error" and teacher.startswith(CHAMPION_PREFIX)
+
+    def without_repa(self) -> DiTConfig:
+        """This config with REPA off and `prediction` set to `repa_fallback`: what the run trains
+        where its teacher is missing. Raises ValueError when `repa_fallback` is "error"."""
+        if self.repa_fallback == "error":
+            raise ValueError(
+                f"repa_teacher={self.repa_teacher!r} has no fallback (repa_fallback='error')"
+            )
+        return self.model_copy(
+            update=dict(repa_teacher=None, prediction=self.repa_fallback, repa_fallback="error")
+        )
 
     def architecture(self, num_classes: int) -> dict[str, Any]:
         """The `DiT(**kwargs)` arguments for `num_classes` classes: the named arch's sizes with
@@ -228,15 +256,22 @@ PRESETS: dict[str, DiTConfig] = {
         ema_decay=0.99,
         progress_bar=False,
     ),
-    "cpu-small": _CPU_SMALL,
-    # Issue 21's winner (docs/recipes-round-two.md): cpu-small with x-prediction and REPA of
-    # block 2 to the `classifier` deployment's champion, which must therefore exist (the flow's
-    # parameter check says so, before any work) and cannot judge it (`lifecycle.find_judge`).
-    # Opt-in: for the `all` deployment, judged by its own new classifier.
-    "cpu-small-repa": DiTConfig.model_validate(
+    # Issue 21's winner (docs/recipes-round-two.md): x-prediction and REPA of block 2 to the
+    # `classifier` deployment's champion, where there is one that another classifier can replace
+    # as this DiT's judge (`tasks.adapters.lifecycle.choose_repa`); else the best recipe without
+    # a teacher, `cpu-small-no-teacher`.
+    "cpu-small": DiTConfig.model_validate(
         _CPU_SMALL.model_dump()
-        | {"prediction": "x", "repa_teacher": "champion:classifier", "repa_depth": 2}
+        | dict(
+            prediction="x",
+            repa_teacher="champion:classifier",
+            repa_depth=2,
+            repa_fallback="velocity",
+        )
     ),
+    # The 2-core demo without a teacher, whatever champions exist: `cpu-small` as it trains
+    # where REPA is off, and the base of `benchmarks/recipes.py`'s ablations.
+    "cpu-small-no-teacher": _CPU_SMALL,
     # The Modal default: DiT-S/4 + the cpu-small additions at 128 px, batch 128, one hour; why,
     # with the arithmetic (benchmarks/gpu_presets.py): docs/gpu_presets.md.
     "gpu": DiTConfig(

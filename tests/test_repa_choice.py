@@ -1,0 +1,159 @@
+"""`cpu-small` trains issue 21's winner (x-prediction + REPA to the `classifier` deployment's
+champion) where that champion exists and another classifier can judge the DiT, and the recipe it
+beat (velocity, no REPA) where not: the choice, in the flow with real champions and trainings,
+and on the trainer's command line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import OXFORD_MINI, REPO
+
+from flows.train_cats import train_cats
+from tasks.adapters.lifecycle import choose_repa, find_judge
+from tasks.configs.dit import PRESETS, DiTConfig
+from tasks.training.export import WEIGHTS
+
+# cpu-small's REPA fields on the seconds-long cpu-tiny (a 2-block DiT: block 1 aligns).
+OPTIONAL_REPA = dict(
+    prediction="x", repa_teacher="champion:classifier", repa_fallback="velocity", repa_depth=1
+)
+# A classifier with a spatial last feature map at 32 px (8x8, ResNet-8 with the CIFAR stem): a
+# teacher REPA can align to (MobileNetV3's is 1x1 there).
+TEACHER = dict(backbone="resnet8", small_input_stem=True, steps=12, ckpt_every_steps=12)
+DATASET = {"source": str(OXFORD_MINI), "labels": "species", "image_sizes": [32], "max_other": 40}
+
+
+def test_cpu_small_without_its_teacher_is_the_recipe_it_beat():
+    small = PRESETS["cpu-small"]
+    assert small.repa_optional and small.prediction == "x"
+    assert small.without_repa() == PRESETS["cpu-small-no-teacher"]
+    assert small.without_repa().repa_teacher is None
+    assert small.without_repa().prediction == "velocity"
+    # A folder is a mistake when missing, never a state: no fallback for it.
+    folder = small.model_copy(update={"repa_teacher": "/some/export"})
+    assert not folder.repa_optional
+    required = small.model_copy(update={"repa_fallback": "error"})
+    assert not required.repa_optional
+    with pytest.raises(ValueError, match="has no fallback"):
+        required.without_repa()
+    with pytest.raises(ValueError, match="repa_fallback"):
+        DiTConfig.model_validate(small.model_dump() | {"repa_fallback": "noise"})
+
+
+def test_nothing_to_choose_without_an_optional_teacher(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRAIN_CATS_RUNS_DIR", str(tmp_path))
+    for name in ("cpu-tiny", "cpu-small-no-teacher", "gpu"):
+        assert choose_repa(PRESETS[name], ["dit"], True, "local") is None
+    missing = PRESETS["cpu-small"]
+    pinned, line = choose_repa(missing, ["classifier", "dit"], True, "local")
+    assert pinned == {"repa_teacher": None, "prediction": "velocity", "repa_fallback": "error"}
+    assert line.startswith("REPA off, predicting velocity: teacher 'champion:classifier'")
+    assert "deployment 'classifier' has no classifier champion yet" in line
+    # The pinned config is exactly the teacher-less preset.
+    pinned_config = DiTConfig.model_validate(missing.model_dump() | pinned)
+    assert pinned_config == PRESETS["cpu-small-no-teacher"]
+
+
+def _run(deployment: str, models: list[str], seed: int = 0):
+    state = train_cats(
+        dataset=DATASET,
+        models=models,
+        classifier={"preset": "cpu-tiny", "overrides": {**TEACHER, "seed": seed}},
+        dit={"preset": "cpu-tiny", "overrides": OPTIONAL_REPA},
+        evaluation={"deployment": deployment, "samples_per_class": 4},
+        return_state=True,
+    )
+    assert state.is_completed(), state.message
+    return state.name, state.result()
+
+
+def _export_config(run_dir: str) -> dict:
+    return json.loads((Path(run_dir) / "config.json").read_text())
+
+
+def test_the_flow_aligns_to_the_champion_only_where_another_classifier_judges(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("TRAIN_CATS_RUNS_DIR", str(tmp_path / "runs"))
+
+    # The `classifier` deployment promotes its first champion (seed 0): the teacher from now on.
+    name, first = _run("classifier", ["classifier"])
+    assert name == "Promoted" and first["repa"] is None  # no DiT, nothing to choose
+    teacher_dir = Path(first["run_dirs"]["classifier"])
+
+    # A run that trains its own judge with the teacher's seed could train the teacher again.
+    config_dit = DiTConfig.model_validate(PRESETS["cpu-tiny"].model_dump() | OPTIONAL_REPA)
+    both_models = ["classifier", "dit"]
+    pinned, line = choose_repa(config_dit, both_models, True, "local", classifier_seed=0)
+    assert pinned["repa_teacher"] is None and "has the teacher's seed 0" in line
+    pinned, line = choose_repa(config_dit, both_models, True, "local", classifier_seed=1)
+    assert pinned == {"repa_fallback": "error"} and line.startswith("REPA on")
+    # Nothing to judge, nothing in the way.
+    assert choose_repa(config_dit, ["dit"], False, "local")[0] == {"repa_fallback": "error"}
+
+    # The `dit` deployment: that champion is the only classifier that could judge its DiT, so
+    # the judge wins and the DiT trains the teacher-less recipe, judged by the champion.
+    _, alone = _run("dit", ["dit"])
+    assert alone["repa"].startswith("REPA off, predicting velocity: teacher 'champion:classifier'")
+    assert "the only classifier champion" in alone["repa"]
+    config = _export_config(alone["run_dirs"]["dit"])
+    assert "repa_teacher" not in config and "prediction" not in config["arch"]  # velocity
+    assert config["train_config"]["repa_teacher"] is None
+    report = json.loads((Path(alone["report"]["report_dir"]) / "report.json").read_text())
+    assert Path(report["classifier"]["path"]).resolve() == teacher_dir.resolve()
+    assert 0 <= report["metrics"]["generator.conditional_accuracy"] <= 1
+
+    # The `all` deployment trains its own judge (seed 1): the DiT aligns to the `classifier`
+    # champion, and the new classifier judges it.
+    _, both = _run("all", ["classifier", "dit"], seed=1)
+    assert both["repa"].startswith("REPA on: block 1 aligns to 'champion:classifier' (run ")
+    config = _export_config(both["run_dirs"]["dit"])
+    assert config["arch"]["prediction"] == "x"
+    assert config["repa_teacher"]["path"] == str(teacher_dir.resolve())
+    assert config["repa_teacher"]["weights_sha256"] != _sha(both["run_dirs"]["classifier"])
+    report = json.loads((Path(both["report"]["report_dir"]) / "report.json").read_text())
+    assert Path(report["classifier"]["path"]).resolve() == Path(both["run_dirs"]["classifier"])
+    assert 0 <= report["metrics"]["generator.conditional_accuracy"] <= 1
+
+    # Now `all` has a classifier champion too: a `dit` run may use the teacher, judged by it.
+    assert choose_repa(config_dit, ["dit"], True, "local")[1].startswith("REPA on")
+    judge = find_judge(report["classifier"]["classes"], "local", "champion:classifier")
+    assert judge.deployment == "all"
+
+
+def _sha(run_dir: str) -> str:
+    from data.dataset import sha256_file
+
+    return sha256_file(Path(run_dir) / WEIGHTS)
+
+
+def test_the_trainer_command_line_falls_back_in_one_warning(oxford_mini_species_ref, tmp_path):
+    """`python -m tasks.train_dit --preset cpu-small` before any classifier is promoted trains
+    the teacher-less recipe and says so; a required teacher fails instead."""
+    base = [sys.executable, "-m", "tasks.train_dit", "--dataset", oxford_mini_species_ref.model_dump_json(),
+            "--preset", "cpu-tiny", "--steps", "4", "--sample-every", "4", "--ckpt-every-steps",
+            "4", "--prediction", "x", "--repa-teacher", "champion:classifier", "--repa-depth", "1"]  # fmt: skip
+    env = {"TRAIN_CATS_RUNS_DIR": str(tmp_path / "runs")}
+    done = _cli([*base, "--run-dir", str(tmp_path / "a"), "--repa-fallback", "velocity"], env)
+    assert done.returncode == 0, done.stderr
+    (warning,) = [line for line in done.stderr.splitlines() if "REPA off" in line]
+    assert "predicting velocity: teacher 'champion:classifier': deployment 'classifier'" in warning
+    config = _export_config(str(tmp_path / "a"))
+    assert "repa_teacher" not in config and "prediction" not in config["arch"]  # velocity
+
+    done = _cli([*base, "--run-dir", str(tmp_path / "b")], env)  # repa_fallback: error
+    assert done.returncode == 2 and "no classifier champion yet" in done.stderr.splitlines()[-1]
+    assert not (tmp_path / "b" / WEIGHTS).exists()
+
+
+def _cli(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run(
+        argv, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, **env}
+    )
