@@ -162,8 +162,9 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def load_ref(value: str | Path | DatasetRef) -> DatasetRef:
-    """Accept a DatasetRef, its JSON, or a path to a version folder, reference.json or manifest.json.
+def load_ref(value: str | Path | DatasetRef | dict) -> DatasetRef:
+    """Accept a DatasetRef, its JSON or its dict (as Prefect and Modal pass it), or a path to a
+    version folder, reference.json or manifest.json.
 
     A path's `root` is set to where the folder actually is, so a version copied or mounted
     elsewhere (a Modal volume at /data) still resolves.
@@ -174,6 +175,11 @@ def load_ref(value: str | Path | DatasetRef) -> DatasetRef:
     """
     if isinstance(value, DatasetRef):
         return _published(value)
+    if isinstance(value, dict):  # str() of a dict is not JSON: validate it as it is
+        try:
+            return _published(DatasetRef.model_validate(value))
+        except ValidationError as exc:
+            raise PermanentError(f"not a DatasetRef: {exc}") from exc
     text = str(value).strip()
     if text.startswith("{"):
         try:

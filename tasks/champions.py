@@ -29,6 +29,11 @@ PREFIX = "champion:"
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
+class TeacherAsJudgeError(ValueError):
+    """A classifier asked to judge a DiT that was aligned (REPA) to its features: its metrics
+    would flatter that DiT (`tasks.evaluate`), so the pair is refused."""
+
+
 class Champion(BaseModel):
     """The record of one deployment's champion for one model kind."""
 

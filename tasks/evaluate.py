@@ -35,6 +35,7 @@ if __name__ == "__main__":  # the command line checks its flags before the impor
     sys.exit(run_cli(load))
 
 from data.dataset import DatasetRef, load_ref, sha256_file
+from tasks.champions import TeacherAsJudgeError
 from tasks.evaluation import history
 from tasks.evaluation.compute import compute_report, dataset_identity, other_version_notes
 from tasks.evaluation.options import EvalOptions, validated
@@ -155,7 +156,7 @@ def _check_not_the_teacher(judge: Path, dit_export: Export) -> None:
     teacher is known by the weights' sha256 that the DiT's export recorded."""
     teacher = dit_export[1].get("repa_teacher") or {}
     if "weights_sha256" in teacher and teacher["weights_sha256"] == sha256_file(judge / WEIGHTS):
-        raise ValueError(
+        raise TeacherAsJudgeError(
             f"the classifier {judge} is the REPA teacher of the DiT {dit_export[0]}: its features "
             "are what the DiT was trained towards, so they cannot judge it; pass another "
             "classifier export (e.g. one trained on the same data with another seed)"

@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from tasks.champions import Champion, Kind, read_champion, write_champion
+from tasks.champions import Champion, Kind, TeacherAsJudgeError, read_champion, write_champion
 from tasks.evaluation.options import EvalOptions
 from tasks.evaluation.report import Delta, Report, compare, judge_identity, load_report
 from tasks.paths import run_path, runs_root
@@ -96,7 +96,10 @@ def promote(
         baseline = None if reasons else load_report(baseline_dir)
         reasons = reasons or unlike(report, baseline, kind)
         if reasons:
-            baseline_dir = rejudge(champion)
+            try:
+                baseline_dir = rejudge(champion)
+            except TeacherAsJudgeError as exc:  # the champion was aligned to this judge
+                return Decision(kind, promoted=False, reason=_unjudgeable(reasons, exc))
             baseline = load_report(baseline_dir)
         assert baseline is not None
         thresholds = report.thresholds or {"abs": 0.02, "rel": 0.10}
@@ -135,6 +138,16 @@ def promote(
             )
         )
     return decision
+
+
+def _unjudgeable(reasons: list[str], exc: Exception) -> str:
+    """Why a champion that cannot be re-evaluated like for like stays: its REPA teacher is the
+    new run's judge (on the same data and seed a retrained classifier can be that teacher bit
+    for bit), so no comparison is fair; the champion is kept rather than replaced unseen."""
+    return (
+        f"not compared, the champion stays: re-evaluating it ({'; '.join(reasons)}) needs this "
+        f"run's judge, its REPA teacher ({exc})"
+    )
 
 
 def promote_runs(

@@ -18,7 +18,7 @@ from data.dataset import DatasetSpec
 from data.download import ensure
 from data.errors import HostNotFoundError
 from data.revision import source_revision
-from tasks.champions import find_judge, read_champion, resolve
+from tasks.champions import TeacherAsJudgeError, find_judge, read_champion, resolve
 from tasks.evaluation.report import DatasetIdentity, ModelIdentity, Report, Sampling
 from tasks.fingerprint import changes, code_version, fingerprint
 from tasks.promotion import promote
@@ -160,6 +160,17 @@ def test_promotion_keeps_the_better_model_and_rejudges_unlike_reports(tmp_path, 
     blind = _report(tmp_path, "r4", {}, judge="j2")
     decision = promote("all", "dit", "run4/dit", blind, fp, never)
     assert not decision.promoted and "train-cats/classifier" in decision.reason
+
+    # A new judge that is the champion's REPA teacher (a classifier retrained bit for bit)
+    # cannot re-evaluate it fairly: nothing is compared, and the champion stays.
+    def refuse(champion):
+        raise TeacherAsJudgeError("the classifier c is the REPA teacher of the DiT run3/dit")
+
+    teacher_judged = _report(tmp_path, "r5", {"generator.classifier_fd": 0.5}, judge="j3")
+    decision = promote("all", "dit", "run5/dit", teacher_judged, fp, refuse)
+    assert not decision.promoted and decision.reason.startswith("not compared, the champion stays")
+    assert "REPA teacher" in decision.reason and not decision.deltas
+    assert read_champion("all", "dit").run_name == "run3/dit"
 
 
 def test_the_judge_is_a_classifier_champion_whose_classes_cover_the_dits(tmp_path, monkeypatch):
