@@ -135,8 +135,10 @@ def plan(
     if compute.backend == "modal":
         _require_even_split(configs, compute.gpu)
     if "dit" in configs:
-        dit = configs["dit"]
-        _require_reachable_teacher(dit.repa_teacher, compute.backend, not dit.repa_optional)
+        dit, explicit = configs["dit"], teacher_is_explicit(training["dit"].overrides)
+        _require_reachable_teacher(
+            dit.repa_teacher, compute.backend, explicit or not dit.repa_optional
+        )
     sizes = {config.image_size for config in configs.values()}
     # Validated again (model_copy would not), so a trained size beyond the spec's bounds is
     # refused here, naming the field, instead of packing a gigantic cache.
@@ -220,6 +222,14 @@ def _require_local_source(dataset: DatasetSpec, check_network: bool) -> None:
             f"dataset.source {dataset.source!r} is not a file ({local_path(dataset.source)}); "
             "pass an existing archive path, a file:// URL or an http(s):// URL as dataset.source"
         )
+
+
+def teacher_is_explicit(overrides: dict[str, Any]) -> bool:
+    """Whether the user named the DiT's REPA teacher (`repa_teacher` in the overrides) without
+    a `repa_fallback` of their own: then the teacher is required, so that a misspelt champion
+    fails in one line instead of quietly training without it (`cpu-small`'s fallback is for its
+    own teacher, the `classifier` deployment's champion)."""
+    return overrides.get("repa_teacher") is not None and "repa_fallback" not in overrides
 
 
 def _require_reachable_teacher(teacher: str | None, backend: str, required: bool = True) -> None:

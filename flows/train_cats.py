@@ -25,6 +25,7 @@ from flows.parameters import (
     TrainingParams,
     plan,
     resolve_backend,
+    teacher_is_explicit,
 )
 from tasks.adapters import artifacts, lifecycle, spend
 from tasks.adapters import modal_calls as backend
@@ -65,7 +66,7 @@ def train_cats(
     compute, why = resolve_backend(compute)  # auto: modal or local, before the presets
     report_backend(compute.backend, why)
     spec, presets = plan(dataset, models, training, compute, evaluation)
-    repa = _choose_repa(training, presets, models, evaluation.enabled, compute.backend)
+    repa = _choose_repa(training, presets, models, evaluation.enabled, compute.backend, spec.labels)
     deployment = evaluation.deployment or default_deployment()
     configs = {m: build_config(m, presets[m], training[m].overrides).model_dump() for m in models}
     governed = lifecycle.is_deployment_run()  # scheduled or `prefect deployment run` runs
@@ -147,23 +148,31 @@ def _choose_repa(
     models: list[str],
     judged: bool,
     backend: str,
+    labels: str,
 ) -> str | None:
     """A DiT preset whose REPA teacher may be missing (`cpu-small`) trains with REPA or without
     it (`lifecycle.choose_repa`): pin that choice in `training["dit"]`'s overrides, before the
-    change check fingerprints the configs and the task builds its own, and log it. Returns the
-    line, or None where there was nothing to choose."""
+    change check fingerprints the configs and the task builds its own, and log it. A teacher the
+    user named (`repa_teacher` in the overrides, without `repa_fallback`) is required instead:
+    `flows.parameters.plan` has checked it. Returns the line, or None where nothing was chosen."""
     if "dit" not in models:
         return None
-    config = build_config("dit", presets["dit"], training["dit"].overrides)
+    params = training["dit"]
+    if teacher_is_explicit(params.overrides):
+        pinned = {**params.overrides, "repa_fallback": "error"}
+        training["dit"] = params.model_copy(update={"overrides": pinned})
+        return None
+    config = build_config("dit", presets["dit"], params.overrides)
     seed = None  # of the classifier this run trains, its DiT's judge
     if "classifier" in models:
         seed = build_config("classifier", presets["classifier"], training["classifier"].overrides)
         seed = seed.seed
-    choice = lifecycle.choose_repa(config, models, judged, backend, seed)
+    choice = lifecycle.choose_repa(
+        config, models=models, backend=backend, judged=judged, classifier_seed=seed, labels=labels
+    )
     if choice is None:
         return None
     pinned, line = choice
-    overrides = {**training["dit"].overrides, **pinned}
-    training["dit"] = training["dit"].model_copy(update={"overrides": overrides})
+    training["dit"] = params.model_copy(update={"overrides": {**params.overrides, **pinned}})
     get_run_logger().info(line)
     return line

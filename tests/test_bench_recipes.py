@@ -112,3 +112,8 @@ def test_a_run_from_before_a_config_field_existed_is_reused_not_retrained(tmp_pa
     assert (run_dir / "model.safetensors").read_bytes() == b"the export the docs cite"
     assert not _same_config("dit", {**stored, "lr": 5e-4}, expected)
     assert not _same_config("dit", {**stored, "retired_field": 1}, expected)
+    # A field added since, at another value than its default, is a different recipe.
+    winner = DIT_PRESETS["cpu-small"].model_dump()
+    before_the_field = {k: v for k, v in winner.items() if k != "repa_fallback"}
+    assert winner["repa_fallback"] != "error"
+    assert not _same_config("dit", before_the_field, winner)

@@ -103,9 +103,9 @@ def test_an_unknown_flag_is_one_line_pointing_at_help(cli):
          "patch_size=5 must divide image_size=32"),
         ([*FLOW_CLI, "--params", '{"dit": {"overrides": {"repa_teacher": "/nonexistent/t"}}}'],
          2, "dit.repa_teacher '/nonexistent/t': no classifier export at /nonexistent/t"),
-        # A required champion teacher (cpu-small's own falls back: tests/test_repa_choice.py).
-        ([*FLOW_CLI, "--params", '{"dit": {"overrides": {"repa_teacher": "champion:nope", '
-          '"repa_fallback": "error"}}}'], 2, "deployment 'nope' has no classifier champion yet"),
+        # A teacher the user names is required (cpu-small's own falls back: test_repa_choice.py).
+        ([*FLOW_CLI, "--params", '{"dit": {"overrides": {"repa_teacher": "champion:nope"}}}'],
+         2, "deployment 'nope' has no classifier champion yet"),
         ([*TRAIN_DIT, "--dataset", "/nonexistent", "--run-dir", "r"], 2, "'/nonexistent' does not"),
         ([*TRAIN_DIT, "--dataset", "/x", "--run-dir", "r", "--patch-size", "5"], 2,
          "error: patch_size=5 must divide image_size=32"),

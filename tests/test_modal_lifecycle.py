@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from functools import partial
 from pathlib import Path
 
 from conftest import OXFORD_MINI
@@ -101,13 +102,17 @@ def test_modal_runs_promote_on_the_runs_volume_where_checks_and_judges_find_them
     # classifier champion (the `dit` deployment's judge: REPA off), a run that trains its own
     # judge with the champion's seed (0) could train it again (off), with seed 1 it may (on).
     small = build_config("dit", "cpu-small", {"repa_teacher": "champion:nightly"})
-    assert lifecycle.choose_repa(small, ["dit"], False, "modal")[0] == {"repa_fallback": "error"}
-    assert "the only classifier champion" in lifecycle.choose_repa(small, ["dit"], True, "modal")[1]
+    choose = partial(lifecycle.choose_repa, small, backend="modal", labels="species")
+    assert choose(models=["dit"], judged=False)[0] == {"repa_fallback": "error"}
+    assert "the only classifier champion" in choose(models=["dit"], judged=True)[1]
     both = ["classifier", "dit"]
-    assert "teacher's seed 0" in lifecycle.choose_repa(small, both, True, "modal", 0)[1]
-    assert lifecycle.choose_repa(small, both, True, "modal", 1)[1].startswith(
+    assert "teacher's seed 0" in choose(models=both, judged=True, classifier_seed=0)[1]
+    assert choose(models=both, judged=True, classifier_seed=1)[1] == (
         f"REPA on: block 2 aligns to 'champion:nightly' (run {newest})"
     )
     elsewhere = build_config("dit", "cpu-small")  # champion:classifier: none on the volume
-    pinned, line = lifecycle.choose_repa(elsewhere, ["dit"], False, "modal")
+    pinned, line = lifecycle.choose_repa(elsewhere, models=["dit"], backend="modal", judged=False)
     assert pinned["repa_teacher"] is None and "'classifier' has no classifier champion" in line
+    # A champion record whose export is gone from the volume cannot teach either.
+    (volumes["runs"] / newest / "model.safetensors").unlink()
+    assert "no classifier export at /runs/" in choose(models=["dit"], judged=False)[1]

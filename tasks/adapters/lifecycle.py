@@ -100,76 +100,92 @@ def _is_teacher(champion: Champion, teacher: str, backend: Backend) -> bool:
 
 def choose_repa(
     config: DiTConfig,
+    *,
     models: list[str],
-    judged: bool,
     backend: Backend,
+    judged: bool,
     classifier_seed: int | None = None,
+    labels: str | None = None,
 ) -> tuple[dict[str, Any], str] | None:
     """Whether a DiT `config` whose REPA teacher may be missing (`DiTConfig.repa_optional`, as
     the `cpu-small` preset's champion) trains with REPA in this run: the overrides that pin the
     choice for the training task, and one line saying what and why. None: nothing to choose.
 
-    REPA is off (x-prediction too: `DiTConfig.without_repa`) where the teacher is missing, or
-    where it would leave the report without a judge that is not the teacher (the DiT was pulled
-    towards its features: `find_judge`, `tasks.evaluate`), where the run is `judged`: with a
-    classifier in `models` (whose seed is `classifier_seed`), that classifier judges, and must
-    not share the teacher's seed, since on the same data and recipe it could be the teacher
-    again, bit for bit; without one, another classifier champion must exist to judge.
+    REPA is off (x-prediction too: `DiTConfig.without_repa`) where the teacher's export is
+    missing, or where a `judged` run would be left without a judge that is not the teacher (the
+    DiT was pulled towards its features: `find_judge`, `tasks.evaluate`). With a classifier in
+    `models`, that classifier judges: its `classifier_seed` must differ from the teacher's, since
+    on the same data and recipe it could be the teacher again, bit for bit. Without one, another
+    classifier champion trained on the run's `labels` (the dataset spec's) must exist to judge.
+
+    Raises:
+        ValueError: a classifier in `models` without its `classifier_seed`.
     """
     if not config.repa_optional:
         return None
+    if "classifier" in models and classifier_seed is None:
+        raise ValueError("choose_repa: pass classifier_seed, the seed of the run's classifier")
     teacher, fallback = config.repa_teacher or "", config.repa_fallback
-    why = _missing_teacher(teacher, backend)
+    champion = _teacher_champion(teacher, backend)
+    why = _missing_teacher(teacher, champion, backend)
     if why is None and judged:
-        why = _no_fair_judge(teacher, models, backend, classifier_seed)
+        why = _no_fair_judge(champion, models, backend, classifier_seed, labels)
     if why is not None:
-        off = {"repa_teacher": None, "prediction": fallback, "repa_fallback": "error"}
-        return off, f"REPA off, predicting {fallback}: teacher {teacher!r}: {why}"
+        off = config.without_repa()
+        pinned = {"repa_teacher": None, "prediction": off.prediction, "repa_fallback": "error"}
+        return pinned, f"REPA off, predicting {fallback}: teacher {teacher!r}: {why}"
     return {"repa_fallback": "error"}, (
-        f"REPA on: block {config.repa_depth} aligns to {teacher!r} "
-        f"({teacher_identity(teacher, backend)})"
+        f"REPA on: block {config.repa_depth} aligns to {teacher!r} (run {champion.run_name})"
     )
 
 
+def _teacher_champion(teacher: str, backend: Backend) -> Champion | None:
+    deployment = teacher[len(champions.PREFIX) :]
+    return next(iter(champions_of(backend, "classifier", [deployment])), None)
+
+
+def _missing_teacher(teacher: str, champion: Champion | None, backend: Backend) -> str | None:
+    """Why the champion `teacher` ("champion:<deployment>") cannot teach here, or None."""
+    if backend == "local":  # the record and the export's files
+        return champions.missing_export(teacher, "classifier")
+    if champion is None:
+        return f"deployment {teacher[len(champions.PREFIX) :]!r} has no classifier champion yet"
+    files = set(modal_calls.list_volume_dir(RUNS_VOLUME, champion.run_name))
+    if not {WEIGHTS, "config.json"} <= files:
+        return f"no classifier export at /runs/{champion.run_name} on the runs volume"
+    return None
+
+
 def _no_fair_judge(
-    teacher: str, models: list[str], backend: Backend, classifier_seed: int | None
+    teacher: Champion,
+    models: list[str],
+    backend: Backend,
+    classifier_seed: int | None,
+    labels: str | None,
 ) -> str | None:
     """Why no classifier but the teacher could judge this run's DiT, or None."""
     if "classifier" in models:
-        if classifier_seed == _teacher_seed(teacher, backend):
+        seed = teacher.fingerprint.get("configs", {}).get("classifier", {}).get("seed")
+        if classifier_seed == seed:
             return (
                 f"this run's classifier, its judge, has the teacher's seed {classifier_seed}: on "
                 "the same data it could be the teacher again; give it another seed "
                 '(classifier.overrides {"seed": 1}, as the `all` deployment does)'
             )
         return None
-    pool = champions_of(backend, "classifier")
-    if not [c for c in pool if not _is_teacher(c, teacher, backend)]:
+    # Another champion that knows the DiT's classes: the classes come with the dataset, after
+    # this choice, so the champion's dataset labels (breed, species) stand in for them.
+    others = [
+        c
+        for c in champions_of(backend, "classifier")
+        if c.run_name != teacher.run_name
+        and (labels is None or c.fingerprint.get("dataset", {}).get("labels") == labels)
+    ]
+    if not others:
         return (
-            "it is the only classifier champion, and this DiT's report needs one that is not its "
-            "teacher as the judge"
+            f"it is the only classifier champion trained on {labels or 'these'} labels, and this "
+            "DiT's report needs one that is not its teacher as the judge"
         )
-    return None
-
-
-def _teacher_seed(teacher: str, backend: Backend) -> int | None:
-    """The seed the champion `teacher` was trained with, from its export's config.json."""
-    deployment = teacher[len(champions.PREFIX) :]
-    (champion,) = champions_of(backend, "classifier", [deployment])
-    if backend == "local":
-        text = (champion.run_dir / "config.json").read_text()
-    else:
-        text = modal_calls.read_volume_file(RUNS_VOLUME, f"{champion.run_name}/config.json")
-    return json.loads(text).get("train_config", {}).get("seed")
-
-
-def _missing_teacher(teacher: str, backend: Backend) -> str | None:
-    """Why the champion `teacher` ("champion:<deployment>") cannot teach here, or None."""
-    if backend == "local":  # the record and the export's files
-        return champions.missing_export(teacher, "classifier")
-    deployment = teacher[len(champions.PREFIX) :]
-    if not champions_of(backend, "classifier", [deployment]):
-        return f"deployment {deployment!r} has no classifier champion yet"
     return None
 
 
