@@ -57,7 +57,9 @@ def test_modal_runs_promote_on_the_runs_volume_where_checks_and_judges_find_them
 
     def run():
         return train_cats(
-            dataset=dataset, models=["classifier"], classifier={"preset": "cpu-tiny"},
+            dataset=dataset, models=["classifier"],
+            # The small stem: a 2x2 feature map at 32 px, so the champion can teach REPA below.
+            classifier={"preset": "cpu-tiny", "overrides": {"small_input_stem": True}},
             compute={"backend": "modal"}, evaluation={"deployment": "nightly"}, return_state=True,
         )  # fmt: skip
 

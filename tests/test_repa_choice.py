@@ -165,3 +165,31 @@ def _cli(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(
         argv, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, **env}
     )
+
+
+def test_a_champion_without_a_spatial_feature_map_cannot_teach(
+    oxford_mini_species_ref, tmp_path, monkeypatch
+):
+    """A `cpu-tiny` classifier (MobileNetV3 at 32 px: a 1x1 last feature map) promoted for a quick
+    try would fail the DiT's training after the dataset and any classifier training: the choice
+    sees it first, from the export's config alone, and trains without REPA."""
+    from tasks.champions import Champion, write_champion
+    from tasks.train_classifier import PRESETS as CLASSIFIER_PRESETS
+    from tasks.train_classifier import train_classifier
+    from tasks.training.repa import flat_feature_map
+
+    monkeypatch.setenv("TRAIN_CATS_RUNS_DIR", str(tmp_path))
+    config = CLASSIFIER_PRESETS["cpu-tiny"].model_copy(update={"steps": 4, "ckpt_every_steps": 4})
+    run_dir = Path(train_classifier(config, oxford_mini_species_ref, tmp_path / "r1")["run_dir"])
+    write_champion(
+        Champion(
+            deployment="classifier", kind="classifier", run_name="r1", report="r1/report",
+            classes=["cat", "other"], dataset_version="v", fingerprint={"configs": {}},
+            promoted_at="2026-12-05T00:00:00+00:00",
+        )
+    )  # fmt: skip
+    pinned, line = choose_repa(PRESETS["cpu-small"], models=["dit"], backend="local", judged=False)
+    assert pinned["repa_teacher"] is None
+    assert "its last feature map at its 32 px is 1x1 (mobilenet_v3_small" in line
+    export = json.loads((run_dir / "config.json").read_text())
+    assert flat_feature_map({**export, "small_input_stem": True}) is None  # 2x2 with the stem

@@ -145,15 +145,25 @@ def _teacher_champion(teacher: str, backend: Backend) -> Champion | None:
 
 
 def _missing_teacher(teacher: str, champion: Champion | None, backend: Backend) -> str | None:
-    """Why the champion `teacher` ("champion:<deployment>") cannot teach here, or None."""
+    """Why the champion `teacher` ("champion:<deployment>") cannot teach here, or None: no
+    champion, no export, or an export whose feature map is not spatial (e.g. a `cpu-tiny`
+    classifier promoted for a quick try), which `tasks.training.repa` would refuse in the
+    training task, after the dataset and any classifier training."""
     if backend == "local":  # the record and the export's files
-        return champions.missing_export(teacher, "classifier")
-    if champion is None:
+        why = champions.missing_export(teacher, "classifier")
+        if why is not None or champion is None:
+            return why
+        text = (champion.run_dir / "config.json").read_text()
+    elif champion is None:
         return f"deployment {teacher[len(champions.PREFIX) :]!r} has no classifier champion yet"
-    files = set(modal_calls.list_volume_dir(RUNS_VOLUME, champion.run_name))
-    if not {WEIGHTS, "config.json"} <= files:
-        return f"no classifier export at /runs/{champion.run_name} on the runs volume"
-    return None
+    else:
+        files = set(modal_calls.list_volume_dir(RUNS_VOLUME, champion.run_name))
+        if not {WEIGHTS, "config.json"} <= files:
+            return f"no classifier export at /runs/{champion.run_name} on the runs volume"
+        text = modal_calls.read_volume_file(RUNS_VOLUME, f"{champion.run_name}/config.json")
+    from tasks.training.repa import flat_feature_map  # torch: only when a teacher exists
+
+    return flat_feature_map(json.loads(text))
 
 
 def _no_fair_judge(

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from data.dataset import sha256_file
-from models.classifier import Classifier
+from models.classifier import Classifier, build_classifier
 from tasks.champions import resolve
 from tasks.exported import load_classifier
 from tasks.training.distributed import Ranks, mean_across
@@ -100,6 +100,26 @@ class Teacher(nn.Module):
         if fmap.shape[-2:] != (grid, grid):
             fmap = F.interpolate(fmap, size=grid, mode="bilinear", antialias=True)
         return fmap.flatten(2).transpose(1, 2)
+
+
+def flat_feature_map(config: dict[str, Any]) -> str | None:
+    """Why a classifier export with this `config.json` could not teach REPA, or None: a last
+    feature map of 1x1 at its `image_size` leaves nothing spatial to align (the check `Teacher`
+    makes on the loaded export). The architecture is built without its weights, so the flow
+    can ask before any work, whatever backend holds the export (well under a second on a CPU).
+    """
+    net = build_classifier(
+        config["backbone"], int(config["num_classes"]), small_input_stem=config["small_input_stem"]
+    ).eval()
+    size = int(config["image_size"])
+    with torch.no_grad():
+        _, _, h, w = net.forward_feature_map(torch.zeros(1, 3, size, size)).shape
+    if h * w > 1:
+        return None
+    return (
+        f"its last feature map at its {size} px is 1x1 ({config['backbone']}, "
+        f"small_input_stem={config['small_input_stem']}), nothing spatial to align"
+    )
 
 
 def load_teacher(spec: str) -> Teacher:
