@@ -165,8 +165,8 @@ def _choose_repa(
     config = build_config("dit", presets["dit"], params.overrides)
     seed = None  # of the classifier this run trains, its DiT's judge
     if "classifier" in models:
-        seed = build_config("classifier", presets["classifier"], training["classifier"].overrides)
-        seed = seed.seed
+        classifier = training["classifier"]
+        seed = build_config("classifier", presets["classifier"], classifier.overrides).seed
     choice = lifecycle.choose_repa(
         config, models=models, backend=backend, judged=judged, classifier_seed=seed, labels=labels
     )

@@ -131,9 +131,8 @@ def choose_repa(
     if why is None and judged:
         why = _no_fair_judge(champion, models, backend, classifier_seed, labels)
     if why is not None:
-        off = config.without_repa()
-        pinned = {"repa_teacher": None, "prediction": off.prediction, "repa_fallback": "error"}
-        return pinned, f"REPA off, predicting {fallback}: teacher {teacher!r}: {why}"
+        off = config.without_repa_fields()
+        return off, f"REPA off, predicting {fallback}: teacher {teacher!r}: {why}"
     return {"repa_fallback": "error"}, (
         f"REPA on: block {config.repa_depth} aligns to {teacher!r} (run {champion.run_name})"
     )
@@ -149,13 +148,15 @@ def _missing_teacher(teacher: str, champion: Champion | None, backend: Backend) 
     champion, no export, or an export whose feature map is not spatial (e.g. a `cpu-tiny`
     classifier promoted for a quick try), which `tasks.training.repa` would refuse in the
     training task, after the dataset and any classifier training."""
-    if backend == "local":  # the record and the export's files
-        why = champions.missing_export(teacher, "classifier")
-        if why is not None or champion is None:
+    if champion is None:
+        if backend == "local":  # its message names the record and how to get a champion
+            return champions.missing_export(teacher, "classifier")
+        return f"deployment {teacher[len(champions.PREFIX) :]!r} has no classifier champion yet"
+    if backend == "local":  # the export's files, in the champion's run dir
+        why = champions.missing_export(champion.run_dir, "classifier")
+        if why is not None:
             return why
         text = (champion.run_dir / "config.json").read_text()
-    elif champion is None:
-        return f"deployment {teacher[len(champions.PREFIX) :]!r} has no classifier champion yet"
     else:
         files = set(modal_calls.list_volume_dir(RUNS_VOLUME, champion.run_name))
         if not {WEIGHTS, "config.json"} <= files:

@@ -180,13 +180,16 @@ class DiTConfig(TrainConfig):
     def without_repa(self) -> DiTConfig:
         """This config with REPA off and `prediction` set to `repa_fallback`: what the run trains
         where its teacher is missing. Raises ValueError when `repa_fallback` is "error"."""
+        return self.model_copy(update=self.without_repa_fields())
+
+    def without_repa_fields(self) -> dict[str, Any]:
+        """The fields `without_repa` changes, as overrides (what a flow run pins). Raises
+        ValueError when `repa_fallback` is "error"."""
         if self.repa_fallback == "error":
             raise ValueError(
                 f"repa_teacher={self.repa_teacher!r} has no fallback (repa_fallback='error')"
             )
-        return self.model_copy(
-            update=dict(repa_teacher=None, prediction=self.repa_fallback, repa_fallback="error")
-        )
+        return dict(repa_teacher=None, prediction=self.repa_fallback, repa_fallback="error")
 
     def architecture(self, num_classes: int) -> dict[str, Any]:
         """The `DiT(**kwargs)` arguments for `num_classes` classes: the named arch's sizes with

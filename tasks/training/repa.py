@@ -69,12 +69,10 @@ class Teacher(nn.Module):
             _, self.channels, h, w = self.net.forward_feature_map(
                 (probe - self.mean) / self.std
             ).shape
-        if h * w == 1:
+        if (flat := _flat_reason(config, h, w)) is not None:
             raise ValueError(
-                f"repa_teacher={identity['source']!r}: its last feature map at its "
-                f"{self.image_size} px is 1x1 ({config['backbone']}, small_input_stem="
-                f"{config['small_input_stem']}), nothing spatial to align; use a teacher trained "
-                "with small_input_stem or at a larger image_size"
+                f"repa_teacher={identity['source']!r}: {flat}; use a teacher trained with "
+                "small_input_stem or at a larger image_size"
             )
 
     def train(self, mode: bool = True) -> Teacher:
@@ -114,10 +112,15 @@ def flat_feature_map(config: dict[str, Any]) -> str | None:
     size = int(config["image_size"])
     with torch.no_grad():
         _, _, h, w = net.forward_feature_map(torch.zeros(1, 3, size, size)).shape
+    return _flat_reason(config, h, w)
+
+
+def _flat_reason(config: dict[str, Any], h: int, w: int) -> str | None:
+    """The words for an (h, w) last feature map with nothing spatial to align, or None."""
     if h * w > 1:
         return None
     return (
-        f"its last feature map at its {size} px is 1x1 ({config['backbone']}, "
+        f"its last feature map at its {config['image_size']} px is 1x1 ({config['backbone']}, "
         f"small_input_stem={config['small_input_stem']}), nothing spatial to align"
     )
 
